@@ -1,0 +1,154 @@
+"""Frozen configuration: preprocessing, feature presets, fitting and scoring. Validated on construction.
+
+Model-side facts (sizes, normalisation, dims) travel in the bundle manifest built from these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from core.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """M3DM preprocessing (spec §2). Distances in metres."""
+
+    image_size: int = 224  # xyz / mask / descriptor grid size
+    rgb_input_size: int = 224  # 224 for ViT-B/8, 392 for DINOv2 ViT-B/14
+    border_px: int = 10  # plane is fitted on points in the border strips
+    ransac_threshold_m: float = 0.004
+    ransac_n: int = 50
+    ransac_iterations: int = 1000
+    plane_removal_m: float = 0.005
+    pad_multiple: int = 100  # pad to a square rounded up to this multiple
+    keep_largest_cluster: bool = False
+    cluster_eps_m: float = 0.006
+    cluster_min_points: int = 30
+    seed: int = 0
+    rgb_mean: tuple[float, float, float] = IMAGENET_MEAN
+    rgb_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.rgb_input_size <= 0:
+            raise ConfigError("sizes must be positive")
+        if not 0 < self.ransac_threshold_m < 1 or not 0 < self.plane_removal_m < 1:
+            raise ConfigError("plane thresholds are metres and must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FeaturePreset:
+    """A named feature configuration. `rgb_backbone`/`point_backbone` select the extractor."""
+
+    name: str
+    rgb_backbone: str  # "dino_vitb8" | "dinov2_vitb14" | "free"
+    point_backbone: str  # "point_mae" | "free"
+    rgb_input_size: int
+    rgb_dim: int
+    point_dim: int
+    rgb_grid: int = 28
+    point_grid: int = 56
+    num_groups: int = 1024
+    group_size: int = 128
+    point_layers: tuple[int, ...] = (3, 7, 11)
+    needs_weights: bool = False
+    random_weights: bool = False
+
+    @property
+    def fusion_dim(self) -> int:
+        return self.rgb_dim + self.point_dim
+
+    @property
+    def uses_networks(self) -> bool:
+        return self.rgb_backbone != "free" or self.point_backbone != "free"
+
+
+# Dimensions of the weight-free descriptors (core/free_features.py owns their definition).
+FREE_RGB_DIM = 48
+FREE_POINT_DIM = 48
+
+PRESETS: dict[str, FeaturePreset] = {
+    "m3dm": FeaturePreset("m3dm", "dino_vitb8", "point_mae", 224, 768, 1152, needs_weights=True),
+    "m3dm-v2": FeaturePreset("m3dm-v2", "dinov2_vitb14", "point_mae", 392, 768, 1152, needs_weights=True),
+    "m3dm-random": FeaturePreset("m3dm-random", "dino_vitb8", "point_mae", 224, 768, 1152, random_weights=True),
+    "m3dm-free": FeaturePreset("m3dm-free", "free", "free", 224, FREE_RGB_DIM, FREE_POINT_DIM),
+}
+
+
+def get_preset(name: str) -> FeaturePreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class CoresetConfig:
+    """Greedy k-centre coreset per bank, each sized from its own row count."""
+
+    rgb_fraction: float = 0.1
+    point_fraction: float = 0.1
+    fusion_fraction: float = 0.1
+    projection_eps: float = 0.9
+    max_rows: int = 20000  # hard cap per bank, keeps kNN time bounded on a station
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in (self.rgb_fraction, self.point_fraction, self.fusion_fraction):
+            if not 0 < f <= 1:
+                raise ConfigError("coreset fractions must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class UFFConfig:
+    """Unsupervised feature fusion training (spec §7)."""
+
+    mlp_ratio: int = 4
+    head_dim: int = 256
+    temperature: float = 1.0
+    lr: float = 0.003
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    epochs: int = 3
+    warmup_epochs: int = 1
+    batch_images: int = 16
+    max_patches_per_step: int = 4096
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Per-bank scoring (spec §6): PatchCore reweighting and map smoothing."""
+
+    reweight_k: int = 3
+    blur_sigma_px: float = 4.0
+    output_size: int = 224
+    rgb_lambda: float = 0.1
+
+
+@dataclass(frozen=True)
+class DLFConfig:
+    """Decision-layer fusion one-class SVMs (spec §8)."""
+
+    nu: float = 0.5
+    max_iter: int = 1000
+    seed: int = 42
+    pixel_samples_per_image: int = 4096
+    fit_split: str = "validation"  # "validation" or "train-kfold"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything `m3dm train` needs, composed once at the CLI."""
+
+    preset: FeaturePreset
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    uff: UFFConfig = field(default_factory=UFFConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    dlf: DLFConfig = field(default_factory=DLFConfig)
+    false_reject_rate: float = 0.01
+    seed: int = 0

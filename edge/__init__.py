@@ -1,0 +1,1 @@
+"""The station: sensor capture -> preprocess -> inference -> scoring -> decision -> publish."""

@@ -1,0 +1,1 @@
+"""The GPU-server role: features -> memory banks -> UFF -> DLF -> export -> signed bundle."""
