@@ -39,3 +39,7 @@ class ConfigError(M3DMError):
 
 class MissingWeightsError(ConfigError):
     """An official checkpoint file is required but absent."""
+
+
+class MissingFileError(InputError):
+    """A file or folder a sample needs is absent (e.g. an rgb image without its xyz partner)."""

@@ -1,0 +1,299 @@
+"""Tests for core.mvtec3d on a small hand-made MVTec 3D-AD tree and on broken files."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from core.errors import (
+    ConfigError,
+    CorruptFileError,
+    InputError,
+    InvalidCloudError,
+    MissingFileError,
+    ShapeError,
+)
+from core.mvtec3d import (
+    dataset_summary,
+    discover_classes,
+    format_summary,
+    iter_scans,
+    list_samples,
+    load_scan,
+    read_class_meta,
+    read_gt,
+    read_rgb,
+    read_xyz,
+)
+
+H, W = 30, 40
+
+
+def write_xyz(path: Path, xyz: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, xyz, photometric="minisblack")
+    return path
+
+
+def cloud(seed: int = 0, h: int = H, w: int = W) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.1, 0.5, (h, w, 3)).astype(np.float32)
+
+
+def write_sample(folder: Path, stem: str, seed: int, xyz: bool = True, gt_id: int | None = None) -> None:
+    """rgb/<stem>.png (+ xyz/<stem>.tiff, + gt/<stem>.png with a block of `gt_id`)."""
+    rng = np.random.default_rng(seed)
+    (folder / "rgb").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(folder / "rgb" / f"{stem}.png")
+    if xyz:
+        write_xyz(folder / "xyz" / f"{stem}.tiff", cloud(seed))
+    if gt_id is not None:
+        (folder / "gt").mkdir(parents=True, exist_ok=True)
+        mask = np.zeros((H, W), np.uint8)
+        mask[5:10, 5:12] = gt_id
+        Image.fromarray(mask).save(folder / "gt" / f"{stem}.png")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """alpha: rgb+xyz; train 3, validation 2, test good 2 / crack 2 (id 253) / hole 1 (254). beta: no xyz."""
+    root = tmp_path / "mvtec3d"
+    alpha = root / "alpha"
+    for i in range(3):
+        write_sample(alpha / "train" / "good", f"{i:03d}", seed=i)
+    for i in range(2):
+        write_sample(alpha / "validation" / "good", f"{i:03d}", seed=10 + i)
+        write_sample(alpha / "test" / "good", f"{i:03d}", seed=20 + i)
+        write_sample(alpha / "test" / "crack", f"{i:03d}", seed=30 + i, gt_id=253)
+    write_sample(alpha / "test" / "hole", "000", seed=40, gt_id=254)
+    (alpha / "calibration").mkdir()
+    (alpha / "calibration" / "camera_parameters.json").write_text(json.dumps({"focus": 0.0103}))
+    (alpha / "class_ids.json").write_text(json.dumps({"0": "good", "253": "crack", "254": "hole"}))
+    beta = root / "beta"
+    for i in range(2):
+        write_sample(beta / "train" / "good", f"{i:03d}", seed=50 + i, xyz=False)
+    write_sample(beta / "test" / "good", "000", seed=60, xyz=False)
+    write_sample(beta / "test" / "crack", "000", seed=61, xyz=False, gt_id=253)
+    (root / "not_a_class").mkdir()
+    return root
+
+
+def test_discover_and_summary_counts(tree: Path):
+    assert discover_classes(tree) == ["alpha", "beta"]
+    assert dataset_summary(tree) == {
+        "alpha": {
+            "train": {"good": 3},
+            "validation": {"good": 2},
+            "test": {"good": 2, "crack": 2, "hole": 1},
+        },
+        "beta": {"train": {"good": 2}, "test": {"good": 1, "crack": 1}},
+    }
+    table = format_summary(dataset_summary(tree))
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["class", "train", "validation"]
+    assert lines[2].split()[:6] == ["alpha", "3", "2", "2", "3", "crack"]
+    assert lines[-1].split() == ["total", "5", "2", "3", "4"]
+
+
+def test_list_samples_order_labels_and_paths(tree: Path):
+    refs = list_samples(tree, "alpha", "test")
+    assert [(r.defect_type, r.stem) for r in refs] == [
+        ("good", "000"),
+        ("good", "001"),
+        ("crack", "000"),
+        ("crack", "001"),
+        ("hole", "000"),
+    ]
+    assert [r.label for r in refs] == [0, 0, 1, 1, 1]
+    assert refs[0].gt_path is None and refs[2].gt_path.name == "000.png"
+    assert refs[2].xyz_path == tree / "alpha" / "test" / "crack" / "xyz" / "000.tiff"
+    assert all(r.xyz_path is None for r in list_samples(tree, "beta", "train"))
+    assert list_samples(tree, "beta", "validation") == []
+
+
+def test_load_scan_keeps_defect_ids(tree: Path):
+    crack, hole = list_samples(tree, "alpha", "test")[3:]
+    scan = load_scan(hole)
+    assert scan.rgb_hwc_u8.shape == (H, W, 3) and scan.rgb_hwc_u8.dtype == np.uint8
+    assert scan.xyz_hwc_m.dtype == np.float32 and np.array_equal(scan.xyz_hwc_m, cloud(40))
+    assert set(np.unique(scan.gt_ids_hw)) == {0, 254} and (scan.gt_ids_hw == 254).sum() == 35
+    assert set(np.unique(load_scan(crack).gt_ids_hw)) == {0, 253}
+    rgb_only = load_scan(list_samples(tree, "beta", "test")[1])
+    assert rgb_only.xyz_hwc_m is None and set(np.unique(rgb_only.gt_ids_hw)) == {0, 253}
+
+
+def test_class_meta(tree: Path):
+    meta = read_class_meta(tree, "alpha")
+    assert meta.camera_parameters == {"focus": 0.0103} and meta.class_ids["254"] == "hole"
+    assert read_class_meta(tree, "beta").camera_parameters is None
+    (tree / "beta" / "class_ids.json").write_text("{not json")
+    with pytest.raises(CorruptFileError, match="class_ids.json"):
+        read_class_meta(tree, "beta")
+
+
+def test_bad_split_and_class(tree: Path):
+    with pytest.raises(ConfigError):
+        list_samples(tree, "alpha", "val")
+    with pytest.raises(MissingFileError):
+        list_samples(tree, "gamma", "train")
+
+
+def test_missing_partner_files_are_named(tree: Path):
+    folder = tree / "alpha" / "train" / "good"
+    (folder / "xyz" / "001.tiff").unlink()
+    with pytest.raises(MissingFileError, match=r"rgb[/\\]001\.png.*no xyz partner"):
+        list_samples(tree, "alpha", "train")
+    write_xyz(folder / "xyz" / "001.tiff", cloud())
+    write_xyz(folder / "xyz" / "007.tiff", cloud())
+    with pytest.raises(MissingFileError, match=r"007\.tiff.*no rgb partner"):
+        list_samples(tree, "alpha", "train")
+
+
+def test_defect_without_mask_is_an_error(tree: Path):
+    (tree / "alpha" / "test" / "hole" / "gt" / "000.png").unlink()
+    with pytest.raises(MissingFileError, match="no mask"):
+        list_samples(tree, "alpha", "test")
+
+
+# --- xyz -----------------------------------------------------------------------------------------------
+
+
+def test_read_xyz_truncated_and_not_tiff(tmp_path: Path):
+    good = write_xyz(tmp_path / "good.tiff", cloud())
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CorruptFileError, match="truncated.tiff"):
+        read_xyz(truncated)
+    fake = tmp_path / "fake.tiff"
+    fake.write_bytes(b"this is not a TIFF file at all" * 10)
+    with pytest.raises(CorruptFileError, match="fake.tiff"):
+        read_xyz(fake)
+    with pytest.raises(MissingFileError):
+        read_xyz(tmp_path / "absent.tiff")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.ones((H, W, 4), np.float32),
+        np.ones((H, W), np.float32),
+        np.ones((H, W, 3), np.int32),
+        np.ones((H, W, 3), np.uint16),
+    ],
+    ids=["4-channels", "2-d", "int32", "uint16"],
+)
+def test_read_xyz_wrong_shape_or_dtype(tmp_path: Path, array: np.ndarray):
+    path = write_xyz(tmp_path / "bad.tiff", array)
+    with pytest.raises(ShapeError, match="bad.tiff"):
+        read_xyz(path)
+
+
+@pytest.mark.parametrize("fill", [0.0, np.nan, np.inf, -np.inf], ids=["zero", "nan", "inf", "-inf"])
+def test_read_xyz_rejects_clouds_without_valid_points(tmp_path: Path, fill: float):
+    path = write_xyz(tmp_path / "empty.tiff", np.full((H, W, 3), fill, np.float32))
+    with pytest.raises(InvalidCloudError, match="empty.tiff"):
+        read_xyz(path)
+
+
+def test_read_xyz_scattered_nan_inf_become_missing_and_float64_is_cast(tmp_path: Path):
+    xyz = cloud().astype(np.float64)
+    xyz[3, 4, 0] = np.nan
+    xyz[7, 8, 2] = np.inf
+    out = read_xyz(write_xyz(tmp_path / "holes.tiff", xyz))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert (out[3, 4] == 0).all() and (out[7, 8] == 0).all()
+    assert (out != 0).all(-1).sum() == H * W - 2
+
+
+# --- rgb and gt -----------------------------------------------------------------------------------------
+
+
+def write_png16_rgb(path: Path, rgb_u16: np.ndarray) -> None:
+    """A 48-bit RGB PNG written by hand (Pillow cannot write one)."""
+    h, w, _ = rgb_u16.shape
+    rows = b"".join(b"\x00" + rgb_u16[r].astype(">u2").tobytes() for r in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+
+
+def test_read_rgb_conversions(tmp_path: Path):
+    v8 = np.random.default_rng(0).integers(0, 256, (H, W), dtype=np.uint8)
+    Image.fromarray(v8).save(tmp_path / "grey.png")
+    assert np.array_equal(read_rgb(tmp_path / "grey.png"), np.repeat(v8[..., None], 3, axis=2))
+    rgba = np.dstack([v8, 255 - v8, v8 // 2, np.full_like(v8, 9)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert np.array_equal(read_rgb(tmp_path / "rgba.png"), rgba[..., :3])
+    Image.fromarray(v8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    grey16 = read_rgb(tmp_path / "grey16.png")
+    assert grey16.dtype == np.uint8 and np.array_equal(grey16, np.repeat(v8[..., None], 3, axis=2))
+    rgb8 = np.dstack([v8, 255 - v8, v8 // 3])
+    write_png16_rgb(tmp_path / "rgb16.png", rgb8.astype(np.uint16) * 257)
+    assert np.array_equal(read_rgb(tmp_path / "rgb16.png"), rgb8)
+
+
+def test_read_rgb_broken_files(tmp_path: Path):
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_bytes(b"hello")
+    for name in ("cut.png", "text.png"):
+        with pytest.raises(CorruptFileError, match=name):
+            read_rgb(tmp_path / name)
+    with pytest.raises(MissingFileError):
+        read_rgb(tmp_path / "absent.png")
+
+
+def test_read_gt_modes(tmp_path: Path):
+    ids = np.zeros((H, W), np.uint8)
+    ids[2:5, 2:5], ids[10:12, 10:12] = 253, 254
+    Image.fromarray(np.dstack([ids] * 3)).save(tmp_path / "rgb_gt.png")
+    assert np.array_equal(read_gt(tmp_path / "rgb_gt.png"), ids)
+    palette = Image.fromarray(ids).convert("P")
+    palette.save(tmp_path / "p_gt.png")
+    assert set(np.unique(read_gt(tmp_path / "p_gt.png"))) == set(np.unique(np.asarray(palette)))
+    Image.fromarray(np.dstack([ids, ids // 2, ids])).save(tmp_path / "colour.png")
+    with pytest.raises(ShapeError, match="colour.png"):
+        read_gt(tmp_path / "colour.png")
+
+
+# --- scans ----------------------------------------------------------------------------------------------
+
+
+def test_load_scan_size_mismatch_names_both_files(tree: Path):
+    ref = list_samples(tree, "alpha", "train")[0]
+    write_xyz(ref.xyz_path, cloud(h=H + 2))
+    with pytest.raises(ShapeError) as info:
+        load_scan(ref)
+    assert str(ref.xyz_path) in str(info.value) and str(ref.rgb_path) in str(info.value)
+
+
+def test_iter_scans_batches_and_skips_bad_files(tree: Path):
+    refs = list_samples(tree, "alpha", "test")
+    assert [len(b) for b in iter_scans(refs, batch_size=2)] == [2, 2, 1]
+    refs[1].xyz_path.write_bytes(b"garbage")
+    write_xyz(refs[3].xyz_path, np.zeros((H, W, 3), np.float32))
+    with pytest.raises(CorruptFileError):
+        list(iter_scans(refs))
+    errors: list[tuple[str, InputError]] = []
+    batches = list(iter_scans(refs, batch_size=2, on_error=lambda r, e: errors.append((r.sample_id, e))))
+    assert [[ref.sample_id for ref, _ in b] for b in batches] == [
+        ["alpha/test/good/000", "alpha/test/crack/000"],
+        ["alpha/test/hole/000"],
+    ]
+    assert [(sid, type(e)) for sid, e in errors] == [
+        ("alpha/test/good/001", CorruptFileError),
+        ("alpha/test/crack/001", InvalidCloudError),
+    ]
+    with pytest.raises(ConfigError):
+        next(iter_scans(refs, batch_size=0))

@@ -1,0 +1,185 @@
+"""Tests for core.preprocess: resizing, padding, normalisation and the whole prepare_scan path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from core.errors import EmptyCloudError, InvalidCloudError, ShapeError
+from core.preprocess import (
+    normalise_rgb,
+    pad_to_square,
+    prepare_scan,
+    resize_nearest,
+    resize_rgb,
+    sanitize_xyz,
+)
+from core.scan import RawScan
+
+
+def scene(h: int, w: int, seed: int = 0) -> RawScan:
+    """A tilted plane (z = 0.4 + 0.1 x + 0.05 y) with a 15 mm box in the middle, σ = 0.3 mm noise."""
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[0:h, 0:w]
+    x, y = (u - w / 2) * 0.0004, (v - h / 2) * 0.0004
+    z = 0.4 + 0.1 * x + 0.05 * y + rng.normal(0, 0.0003, (h, w))
+    box = (np.abs(u - w / 2) < w / 6) & (np.abs(v - h / 2) < h / 6)
+    z[box] -= 0.015
+    xyz = np.stack([x, y, z], -1).astype(np.float32)
+    xyz[rng.random((h, w)) < 0.01] = 0
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    gt = np.where(box & (u < w / 2), 253, 0).astype(np.uint8)
+    return RawScan(rgb, xyz, gt, source=f"synthetic-{h}x{w}")
+
+
+@pytest.mark.parametrize("in_size", [800, 600, 500, 448, 400, 350, 300, 224, 112, 100, 37])
+@pytest.mark.parametrize("out_size", [224, 56, 392])
+def test_resize_nearest_matches_torch_legacy_nearest(in_size, out_size):
+    arr = np.arange(in_size * (in_size + 13) * 3, dtype=np.float32).reshape(in_size, in_size + 13, 3)
+    ours = resize_nearest(arr, out_size)
+    chw = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    ref = F.interpolate(chw, size=(out_size, out_size), mode="nearest")
+    assert np.array_equal(ours, ref[0].permute(1, 2, 0).numpy())
+
+
+def test_resize_nearest_is_not_nearest_exact():
+    arr = np.arange(800, dtype=np.float32).reshape(800, 1)[:, :, None].repeat(800, 1)
+    exact = F.interpolate(torch.from_numpy(arr[..., 0])[None, None], size=(224, 224), mode="nearest-exact")
+    assert not np.array_equal(resize_nearest(arr, 224)[..., 0], exact[0, 0].numpy())
+
+
+@pytest.mark.parametrize(
+    ("hw", "side"),
+    [((600, 800), 800), ((350, 420), 500), ((800, 600), 800), ((224, 224), 300), ((400, 400), 400)],
+)
+def test_pad_to_square_shapes_and_centring(hw, side):
+    h, w = hw
+    arr = np.ones((h, w, 3), np.float32)
+    out = pad_to_square(arr, 100)
+    assert out.shape == (side, side, 3)
+    top, left = (side - h) // 2, (side - w) // 2
+    assert out[top : top + h, left : left + w].all()
+    assert out.sum() == arr.sum()  # only zeros were added
+    gt = pad_to_square(np.ones((h, w), np.uint8), 100)
+    assert gt.shape == (side, side) and np.array_equal(gt, out[..., 0].astype(np.uint8))
+
+
+def test_pad_to_square_puts_the_odd_pixel_at_the_end():
+    out = pad_to_square(np.ones((351, 400), np.uint8), 100)
+    rows = np.flatnonzero(out.any(axis=1))
+    assert (rows[0], 400 - 1 - rows[-1]) == (24, 25)
+
+
+def test_normalise_rgb_matches_totensor_normalize():
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    ref = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
+    ref = (ref - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    ours = normalise_rgb(rgb, IMAGENET_MEAN, IMAGENET_STD)
+    assert ours.dtype == np.float32 and ours.shape == (3, 16, 16)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=1e-6)
+
+
+def test_resize_rgb_is_antialiased_bicubic():
+    stripes = np.zeros((800, 800, 3), np.uint8)
+    stripes[:, ::2] = 255  # 1-px stripes: antialiasing averages them, point sampling would not
+    out = resize_rgb(stripes, 224)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert 110 <= out[50:-50, 50:-50].mean() <= 145 and out[50:-50, 50:-50].std() < 20
+
+
+def test_sanitize_xyz_zeros_nan_and_inf_points():
+    xyz = np.full((4, 5, 3), 0.5, np.float32)
+    xyz[0, 0, 1] = np.nan
+    xyz[1, 2, 0] = np.inf
+    xyz[3, 4, 2] = -np.inf
+    out = sanitize_xyz(xyz)
+    bad = [(0, 0), (1, 2), (3, 4)]
+    assert all((out[p] == 0).all() for p in bad) and np.isfinite(out).all()
+    assert (out != 0).all(axis=-1).sum() == 20 - 3
+
+
+@pytest.mark.parametrize("fill", [0.0, np.nan, np.inf])
+def test_sanitize_xyz_rejects_clouds_without_a_valid_point(fill):
+    with pytest.raises(InvalidCloudError, match="src-1"):
+        sanitize_xyz(np.full((8, 8, 3), fill, np.float32), "src-1")
+
+
+def test_prepare_scan_shapes_values_and_removal():
+    raw = scene(300, 400)
+    cfg = PreprocessConfig()
+    out = prepare_scan(raw, cfg)
+    assert out.rgb_chw.shape == (3, 224, 224) and out.rgb_chw.dtype == np.float32
+    assert out.rgb_hwc_u8.shape == (224, 224, 3) and out.rgb_hwc_u8.dtype == np.uint8
+    assert out.xyz_hwc_m.shape == (224, 224, 3) and out.xyz_hwc_m.dtype == np.float32
+    assert out.valid_hw.dtype == bool and np.array_equal(out.valid_hw, (out.xyz_hwc_m != 0).all(-1))
+    assert out.gt_ids_hw.dtype == np.uint8 and set(np.unique(out.gt_ids_hw)) == {0, 253}
+    assert out.source == raw.source
+    # Only the box survives: 1/9 of a 400x300 frame padded to 400x400 -> ~1/12 of the grid.
+    assert 0.06 < out.valid_hw.mean() < 0.1
+    assert np.all(out.xyz_hwc_m[out.valid_hw][:, 2] < 0.393)  # box top <= 0.389 m, plane >= 0.396 m
+    # gt and xyz stay aligned through padding and resizing: every defect pixel lies on the box.
+    assert out.valid_hw[out.gt_ids_hw > 0].mean() > 0.95
+
+
+def test_prepare_scan_rgb_input_size_and_largest_cluster():
+    cfg = PreprocessConfig(rgb_input_size=392, keep_largest_cluster=True)
+    out = prepare_scan(scene(200, 200), cfg)
+    assert out.rgb_chw.shape == (3, 392, 392) and out.rgb_hwc_u8.shape == (224, 224, 3)
+    assert out.valid_hw.any()
+
+
+def test_prepare_scan_is_bitwise_deterministic():
+    raw = scene(150, 190, seed=3)
+    cfg = PreprocessConfig(keep_largest_cluster=True)
+    first, second = prepare_scan(raw, cfg), prepare_scan(raw, cfg)
+    for name in ("rgb_chw", "rgb_hwc_u8", "xyz_hwc_m", "valid_hw", "gt_ids_hw"):
+        assert np.array_equal(getattr(first, name), getattr(second, name)), name
+
+
+def test_prepare_scan_rgb_only_marks_every_pixel_valid():
+    raw = scene(120, 160)
+    out = prepare_scan(RawScan(raw.rgb_hwc_u8, None, raw.gt_ids_hw, "rgb-only"), PreprocessConfig())
+    assert out.valid_hw.all() and not out.xyz_hwc_m.any()
+    assert out.rgb_hwc_u8.any() and out.gt_ids_hw.shape == (224, 224)
+
+
+def test_prepare_scan_only_a_plane_is_empty():
+    raw = scene(200, 200)
+    xyz = raw.xyz_hwc_m.copy()
+    xyz[..., 2] = 0.4 + 0.1 * xyz[..., 0] + 0.05 * xyz[..., 1]
+    xyz[(xyz == 0).any(-1)] = 0
+    with pytest.raises(EmptyCloudError, match="plane-only.*after plane removal"):
+        prepare_scan(RawScan(raw.rgb_hwc_u8, xyz, None, "plane-only"), PreprocessConfig())
+
+
+def test_prepare_scan_sanitises_nan_and_accepts_float64():
+    raw = scene(200, 200)
+    xyz = raw.xyz_hwc_m.astype(np.float64)
+    xyz[100, 100] = np.nan
+    out = prepare_scan(RawScan(raw.rgb_hwc_u8, xyz, None, "nan"), PreprocessConfig())
+    assert np.isfinite(out.xyz_hwc_m).all() and out.xyz_hwc_m.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("rgb", "xyz", "gt"),
+    [
+        (np.zeros((10, 10, 3), np.float32), None, None),  # rgb not uint8
+        (np.zeros((10, 10), np.uint8), None, None),  # rgb not 3-channel
+        (np.zeros((10, 10, 3), np.uint8), np.ones((10, 10, 4), np.float32), None),
+        (np.zeros((10, 10, 3), np.uint8), np.ones((10, 10, 3), np.int32), None),
+        (np.zeros((10, 10, 3), np.uint8), np.ones((10, 12, 3), np.float32), None),
+        (np.zeros((10, 10, 3), np.uint8), None, np.zeros((10, 11), np.uint8)),
+    ],
+)
+def test_prepare_scan_rejects_bad_shapes(rgb, xyz, gt):
+    with pytest.raises(ShapeError, match="bad-src"):
+        prepare_scan(RawScan(rgb, xyz, gt, "bad-src"), PreprocessConfig())
+
+
+def test_prepare_scan_rejects_all_zero_cloud():
+    raw = scene(100, 100)
+    with pytest.raises(InvalidCloudError):
+        prepare_scan(RawScan(raw.rgb_hwc_u8, np.zeros_like(raw.xyz_hwc_m), None, "z"), PreprocessConfig())
