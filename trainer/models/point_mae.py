@@ -1,0 +1,101 @@
+"""Point-MAE encoder as M3DM configures it (spec §4): mini-PointNet group tokens + 12 pre-norm blocks.
+
+Input is already grouped (core.grouping, numpy, shared with stations): neighbourhoods in local coordinates
+and their centres. Output is one 1152-d feature per group: the shared final norm of blocks 3, 7, 11.
+Key names match `module.MAE_encoder.*` of Point-MAE's `pretrain.pth` with that prefix stripped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.models.vit import Attention, Mlp
+
+__all__ = ["PointMAEEncoder", "build_point_backbone", "OUTPUT_BLOCKS", "POINT_MAE_PARAMETERS"]
+
+OUTPUT_BLOCKS = (3, 7, 11)  # 0-based blocks whose normed outputs are concatenated
+POINT_MAE_PARAMETERS = 21_825_024  # spec §4, equals the pretrain checkpoint's encoder
+
+
+class Encoder(nn.Module):
+    """Mini-PointNet: (B, G, K, 3) local coordinates -> (B, G, 384), one token per group."""
+
+    def __init__(self, out_dim: int = 384) -> None:
+        super().__init__()
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+        )
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, out_dim, 1)
+        )
+
+    def forward(self, neighborhood: torch.Tensor) -> torch.Tensor:
+        B, G, K, _ = neighborhood.shape
+        x = self.first_conv(neighborhood.reshape(B * G, K, 3).transpose(1, 2))  # (BG, 256, K)
+        pooled = x.amax(dim=2, keepdim=True)
+        x = torch.cat((pooled.expand(-1, -1, K), x), dim=1)  # global first, as Point-MAE orders it
+        return self.second_conv(x).amax(dim=2).reshape(B, G, -1)
+
+
+class Block(nn.Module):
+    """Pre-norm block without qkv bias, LayerNorm eps 1e-5 (Point-MAE's defaults)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias=False)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Holds the blocks so keys read `blocks.blocks.{i}` as in the checkpoint."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+
+
+class PointMAEEncoder(nn.Module):
+    """Point-MAE encoder returning per-group features from blocks 3, 7, 11 (B, G, 1152).
+
+    Always run in eval mode: BatchNorm uses the checkpoint's running statistics and there is no drop-path.
+    The public M3DM code never calls .eval(), so its BatchNorm uses per-cloud batch statistics and its
+    drop-path (up to 0.1) is active, which makes its point features random; we deliberately do not copy that.
+    """
+
+    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.encoder = Encoder(dim)
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
+        self.blocks = TransformerEncoder(dim, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, neighborhood: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        """Group features.
+
+        Args:
+            neighborhood: (B, G, K, 3) float32, neighbour minus centre, metres.
+            centers: (B, G, 3) float32, absolute centre coordinates, metres.
+
+        Returns:
+            (B, G, 3·dim) float32 = [norm(x3), norm(x7), norm(x11)] along channels.
+        """
+        x = self.encoder(neighborhood)
+        pos = self.pos_embed(centers)
+        outputs = []
+        for index, block in enumerate(self.blocks.blocks):
+            x = block(x + pos)  # Point-MAE adds the position embedding before every block
+            if index in OUTPUT_BLOCKS:
+                outputs.append(self.norm(x))
+        return torch.cat(outputs, dim=-1)
+
+
+def build_point_backbone() -> PointMAEEncoder:
+    """The M3DM point network (dim 384, depth 12, 6 heads), untrained, in eval mode."""
+    return PointMAEEncoder().eval()
