@@ -1,0 +1,24 @@
+"""Deterministic synthetic structured-light scans in the MVTec 3D-AD layout (`m3dm synth`).
+
+Four object classes of our own (ring, gland, biscuit, peg) on a tilted support plane, with geometry,
+colour and combined defects and exact masks; see writer.synthesize for the data set and
+render.render_sample for one scan.
+"""
+
+from trainer.synth.defects import DEFECT_TYPES, defect_ids
+from trainer.synth.preview import write_preview
+from trainer.synth.render import RenderedScan, render_sample
+from trainer.synth.shapes import CLASS_NAMES
+from trainer.synth.writer import SynthConfig, sample_seed, synthesize
+
+__all__ = [
+    "CLASS_NAMES",
+    "DEFECT_TYPES",
+    "RenderedScan",
+    "SynthConfig",
+    "defect_ids",
+    "render_sample",
+    "sample_seed",
+    "synthesize",
+    "write_preview",
+]
