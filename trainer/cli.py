@@ -1,0 +1,281 @@
+"""`m3dm`: the command line. Each command parses options into frozen configs and calls one function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+app = typer.Typer(help="M3DM-Fleet: multimodal (RGB + 3D) industrial anomaly detection.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect data sets in the MVTec 3D-AD layout.", no_args_is_help=True)
+bundle_app = typer.Typer(help="Signed model bundles: keys, build, verify, inspect.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bundle_app, name="bundle")
+
+F = TypeVar("F", bound=Callable[..., object])
+log = logging.getLogger("m3dm")
+
+
+def cli_errors(func: F) -> F:
+    """Turn our typed errors into one-line reasons and a non-zero exit, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        from core.errors import M3DMError
+        from trainer.progress import setup_logging
+
+        setup_logging()
+        try:
+            return func(*args, **kwargs)
+        except M3DMError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except Exception as err:  # protocol errors (bundle) share this exit path
+            if type(err).__module__.startswith("protocol"):
+                typer.echo(f"error: {type(err).__name__}: {err}", err=True)
+                raise typer.Exit(1) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(payload: object) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@app.command()
+@cli_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Output data-set root (MVTec 3D-AD layout).")],
+    seed: Annotated[int, typer.Option(help="Everything is derived from this seed.")] = 0,
+    n_train: Annotated[int, typer.Option(help="Normal training scans per class.")] = 40,
+    n_validation: Annotated[int, typer.Option(help="Normal validation scans per class.")] = 8,
+    n_test_good: Annotated[int, typer.Option(help="Normal test scans per class.")] = 10,
+    n_test_per_defect: Annotated[int, typer.Option(help="Defective test scans per defect type.")] = 5,
+    size: Annotated[int, typer.Option(help="Image width and height in pixels (224-800).")] = 400,
+    classes: Annotated[list[str] | None, typer.Option("--class", help="Only these classes (repeatable).")] = None,
+    workers: Annotated[int, typer.Option(help="Processes.")] = 2,
+    preview: Annotated[bool, typer.Option(help="Also write preview.png, a contact sheet.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace class folders that already exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Generate a deterministic, realistic structured-light data set (our stand-in sensor)."""
+    from trainer.synth import CLASS_NAMES, SynthConfig, synthesize, write_preview
+
+    cfg = SynthConfig(
+        seed=seed,
+        classes=tuple(classes) if classes else tuple(CLASS_NAMES),
+        n_train=n_train,
+        n_validation=n_validation,
+        n_test_good=n_test_good,
+        n_test_per_defect=n_test_per_defect,
+        width_px=size,
+        height_px=size,
+        workers=workers,
+    )
+    summary = synthesize(out, cfg, overwrite=overwrite)
+    if preview:
+        summary["preview"] = str(write_preview(out, out / "preview.png"))
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(f"wrote {out} in {summary.get('seconds', 0):.1f} s")
+
+
+@data_app.command("info")
+@cli_errors
+def data_info(
+    root: Annotated[Path, typer.Argument(help="Data-set root.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
+) -> None:
+    """Counts per class, split and defect type."""
+    from core.mvtec3d import dataset_summary, format_summary
+
+    summary = dataset_summary(root)
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(format_summary(summary))
+
+
+@app.command()
+@cli_errors
+def train(
+    data: Annotated[Path, typer.Option(help="Data-set root (MVTec 3D-AD layout).")],
+    out: Annotated[Path, typer.Option(help="Model output folder (one sub-folder per class).")],
+    class_names: Annotated[list[str] | None, typer.Option("--class", help="Class to fit (repeatable).")] = None,
+    all_classes: Annotated[bool, typer.Option("--all", help="Fit every class found.")] = False,
+    preset: Annotated[str, typer.Option(help="m3dm | m3dm-v2 | m3dm-free | m3dm-random")] = "m3dm-free",
+    weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
+    allow_random_weights: Annotated[bool, typer.Option(help="Permit the m3dm-random preset.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for coreset, UFF and DLF.")] = 0,
+    uff_epochs: Annotated[int | None, typer.Option(help="Override UFF epochs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Fit memory banks, UFF and DLF for each class; write a model folder per class."""
+    from trainer.pipeline import train_classes
+
+    summary = train_classes(
+        data, out, class_names or [], all_classes, preset, weights_dir, allow_random_weights, seed, uff_epochs
+    )
+    if as_json:
+        emit_json(summary)
+
+
+@app.command("eval")
+@cli_errors
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Data-set root (MVTec 3D-AD layout).")],
+    model: Annotated[Path | None, typer.Option(help="Model folder from `m3dm train` (torch path).")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Bundle dir or tar (ONNX Runtime station path).")] = None,
+    key: Annotated[Path | None, typer.Option(help="Public key dir to verify --bundle with.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: <model>/report).")] = None,
+    weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
+    encodings: Annotated[bool, typer.Option(help="Also compare bank encodings against fp32.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full results as JSON.")] = False,
+) -> None:
+    """Five-variant I-AUROC / P-AUROC / AUPRO tables, curves and heatmap overlays."""
+    from trainer.evaluate import evaluate_bundle, evaluate_models
+
+    if (model is None) == (bundle is None):
+        typer.echo("error: give exactly one of --model or --bundle", err=True)
+        raise typer.Exit(2)
+    if model is not None:
+        results = evaluate_models(data, model, out, weights_dir, encodings)
+    else:
+        results = evaluate_bundle(data, bundle, key, out)
+    if as_json:
+        emit_json(results)
+    else:
+        typer.echo(results.get("markdown", ""))
+
+
+@app.command()
+@cli_errors
+def export(
+    model: Annotated[Path, typer.Option(help="Model folder (or parent of class folders).")],
+    weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
+    engine: Annotated[bool, typer.Option(help="Also build TensorRT engines (needs a GPU and TensorRT).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print parity reports as JSON.")] = False,
+) -> None:
+    """Export the networks to ONNX (opset 17, dynamic batch) and check parity against torch."""
+    from trainer.pipeline import export_models
+
+    report = export_models(model, weights_dir, engine)
+    if as_json:
+        emit_json(report)
+
+
+@bundle_app.command("keygen")
+@cli_errors
+def bundle_keygen(out: Annotated[Path, typer.Option(help="Key folder to create.")]) -> None:
+    """Create an Ed25519 signing key pair (private key mode 0600)."""
+    from trainer.bundle import keygen
+
+    private, public = keygen(out)
+    typer.echo(f"private key: {private}\npublic key:  {public}")
+
+
+@bundle_app.command("build")
+@cli_errors
+def bundle_build(
+    model: Annotated[Path, typer.Option(help="Exported model folder of one class.")],
+    key: Annotated[Path, typer.Option(help="Key folder from `m3dm bundle keygen`.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (a .tar is written beside it).")],
+    version: Annotated[str, typer.Option(help="Semantic version of this bundle.")] = "1.0.0",
+    counter: Annotated[int, typer.Option(help="Anti-rollback counter (monotonic).")] = 1,
+    expires_days: Annotated[int, typer.Option(help="Days until the bundle expires.")] = 365,
+    bank_encoding: Annotated[str | None, typer.Option(help="fp32 | fp16 | int8 | pq (default: by budget)")] = None,
+    bank_budget_mb: Annotated[float | None, typer.Option(help="Size budget for all banks together.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data root to draw golden samples from.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON.")] = False,
+) -> None:
+    """Build and sign a bundle: ONNX graphs, encoded banks, UFF/DLF, thresholds, golden samples."""
+    from trainer.pipeline import build_model_bundle
+
+    summary = build_model_bundle(model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data)
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(f"bundle {summary['bundle_id']} v{summary['version']} -> {summary['path']}")
+
+
+@bundle_app.command("verify")
+@cli_errors
+def bundle_verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder or .tar.")],
+    key: Annotated[Path, typer.Option(help="Key folder or public key file.")],
+    min_counter: Annotated[int | None, typer.Option(help="Reject counters below this.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each check as JSON.")] = False,
+) -> None:
+    """Check signature, hashes, expiry and anti-rollback counter; exit 1 naming the failed check."""
+    from trainer.pipeline import verify_model_bundle
+
+    report = verify_model_bundle(bundle, key, min_counter)
+    if as_json:
+        emit_json(report)
+    else:
+        for name, check in report["checks"].items():
+            typer.echo(f"{'ok ' if check['ok'] else 'FAIL'} {name}: {check['message']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@bundle_app.command("inspect")
+@cli_errors
+def bundle_inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder or .tar.")]) -> None:
+    """Print the manifest summary (no verification)."""
+    from edge.bundle import inspect_bundle
+
+    emit_json(inspect_bundle(bundle))
+
+
+def _not_yet(role: str) -> None:
+    typer.echo(f"error: the {role} role is not part of this release yet (see README roadmap)", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def edge() -> None:
+    """Run a station (capture -> score -> publish). Not in this release yet."""
+    _not_yet("edge station")
+
+
+@app.command()
+def collector() -> None:
+    """Run the central collector and dashboard. Not in this release yet."""
+    _not_yet("collector")
+
+
+@app.command()
+def deploy() -> None:
+    """Push bundles to the fleet with staged rollout. Not in this release yet."""
+    _not_yet("deploy")
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder for data, models, reports and bundles.")] = Path(
+        "runs/demo"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
+    size: Annotated[int, typer.Option(help="Generated image size in pixels.")] = 400,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Generate scans, train the weight-free preset, evaluate (five-variant table), build a signed bundle."""
+    from trainer.demo import run_demo
+
+    summary = run_demo(out, seed, size)
+    if as_json:
+        emit_json(summary)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,145 @@
+"""Fit one class: training features -> rgb/point banks -> UFF -> fusion bank -> DLF on held-out normals.
+
+Every score here comes from `core.model.FrameScorer`, the station's own scoring path.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.config import FitConfig
+from core.errors import InputError
+from core.features import FeatureRunners
+from core.fusion import LinearOneClassSVM
+from core.model import BANKS, COMBINATIONS, FrameScorer
+from core.scan import PatchFeatures
+from trainer.coreset import build_memory_bank
+from trainer.dataset_features import SplitFeatures, extract_split
+from trainer.dlf import fit_dlf, fit_score_normaliser
+from trainer.metrics import threshold_at_false_reject_rate
+from trainer.model_io import bank_to_files, normaliser_to_dict, svm_to_dict, write_model_json
+from trainer.models.uff import UFFExport
+from trainer.progress import track
+from trainer.torch_runner import TorchRunner
+from trainer.train_uff import save_uff, train_uff
+
+log = logging.getLogger("m3dm.trainer")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stack_features(features: list[PatchFeatures]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 56, 56, Cp) point and (N, 28, 28, Cr) rgb stacks."""
+    return np.stack([f.point_hwc for f in features]), np.stack([f.rgb_hwc for f in features])
+
+
+def uff_runner(block: Any) -> TorchRunner:
+    return TorchRunner(UFFExport(block), UFFExport.input_names, UFFExport.output_names)
+
+
+def provisional_scorer(banks: dict, uff: TorchRunner | None, cfg: FitConfig) -> FrameScorer:
+    """A scorer whose DLF is a placeholder: only its per-bank scores are used, to fit the real DLF."""
+    placeholder = {v: (LinearOneClassSVM(np.ones(len(c)), 0.0),) * 2 for v, c in COMBINATIONS.items()}
+    return FrameScorer(banks=banks, dlf=placeholder, normaliser=None, uff=uff, score_cfg=cfg.score)
+
+
+def held_out_bank_scores(scorer: FrameScorer, split: SplitFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """(V, 3) image and (V, 3, 224, 224) map scores of held-out normal scans."""
+    images, maps = [], []
+    for feats in track(split.features, "held-out scores", total=len(split.features)):
+        bank_image, bank_maps = scorer.bank_scores(feats)
+        images.append(bank_image)
+        maps.append(bank_maps)
+    return np.stack(images), np.stack(maps)
+
+
+def fit_class(
+    data_root: Path, class_name: str, cfg: FitConfig, runners: FeatureRunners, out_dir: Path
+) -> dict[str, Any]:
+    """Fit and write `out_dir/model.json` with banks, UFF and DLF. Returns a summary with stage timings."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train = extract_split(data_root, class_name, "train", cfg.preset, cfg.preprocess, runners)
+    held = extract_split(data_root, class_name, "validation", cfg.preset, cfg.preprocess, runners)
+    timings["features_s"] = time.perf_counter() - t0
+    if len(train.features) < 2:
+        raise InputError(f"class {class_name}: fewer than 2 usable training scans", data_root / class_name)
+    if len(held.features) < 2:
+        raise InputError(f"class {class_name}: DLF needs at least 2 validation scans", data_root / class_name)
+
+    t0 = time.perf_counter()
+    point_nhwc, rgb_nhwc = stack_features(train.features)
+    co = cfg.coreset
+    banks = {
+        "rgb": build_memory_bank("rgb", rgb_nhwc.reshape(-1, rgb_nhwc.shape[-1]), rgb_nhwc.shape[1], co.rgb_fraction, co),
+        "point": build_memory_bank(
+            "point", point_nhwc.reshape(-1, point_nhwc.shape[-1]), point_nhwc.shape[1], co.point_fraction, co
+        ),
+    }
+    timings["banks_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    block, history = train_uff(point_nhwc, rgb_nhwc, cfg.uff, progress=True)
+    uff = uff_runner(block)
+    timings["uff_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fusion_scorer = provisional_scorer({**banks, "fusion": banks["point"]}, uff, cfg)
+    fused = np.concatenate([fusion_scorer.fused_features(f).reshape(-1, cfg.preset.fusion_dim) for f in train.features])
+    banks["fusion"] = build_memory_bank("fusion", fused, point_nhwc.shape[1], co.fusion_fraction, co)
+    del fused
+    timings["fusion_bank_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    held_image, held_maps = held_out_bank_scores(provisional_scorer(banks, uff, cfg), held)
+    normaliser = fit_score_normaliser(held_image, held_maps)
+    dlf = fit_dlf(held_image, held_maps, normaliser, cfg.dlf, cfg.score)
+    scorer = FrameScorer(banks=banks, dlf=dlf, normaliser=normaliser, uff=uff, score_cfg=cfg.score)
+    held_variant_scores = [scorer.combine(i, m).image for i, m in zip(held_image, held_maps, strict=True)]
+    thresholds = {
+        v: threshold_at_false_reject_rate(np.array([s[v] for s in held_variant_scores]), cfg.false_reject_rate)
+        for v in held_variant_scores[0]
+    }
+    timings["dlf_s"] = time.perf_counter() - t0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_uff(block, out_dir / "uff.safetensors")
+    payload = {
+        "class_name": class_name,
+        "preset": asdict(cfg.preset),
+        "preprocess": asdict(cfg.preprocess),
+        "score": asdict(cfg.score),
+        "fit": {"coreset": asdict(cfg.coreset), "uff": asdict(cfg.uff), "dlf": asdict(cfg.dlf), "seed": cfg.seed},
+        "banks": {name: bank_to_files(banks[name], out_dir) for name in BANKS},
+        "uff": {"file": "uff.safetensors", "dims_file": "uff.json", "final_loss": float(np.nanmean(history[-3:]))},
+        "normaliser": normaliser_to_dict(normaliser),
+        "dlf": {v: {"image": svm_to_dict(i), "pixel": svm_to_dict(p)} for v, (i, p) in dlf.items()},
+        "thresholds": thresholds,
+        "false_reject_rate": cfg.false_reject_rate,
+        "provenance": {
+            "data_root": str(data_root),
+            "train_count": len(train.features),
+            "validation_count": len(held.features),
+            "skipped": train.skipped + held.skipped,
+            "git_commit": git_commit(),
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "random_weights": cfg.preset.random_weights,
+        },
+        "timings_s": timings,
+    }
+    write_model_json(out_dir, payload)
+    log.info("class %s fitted in %.1f s -> %s", class_name, sum(timings.values()), out_dir)
+    return {"class": class_name, "model_dir": str(out_dir), "timings_s": timings, "thresholds": thresholds}

@@ -1,0 +1,61 @@
+"""Write a fitted model folder: model.json + .npy banks + UFF safetensors. No pickles anywhere."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.fusion import LinearOneClassSVM, ScoreNormaliser
+from core.scoring import MemoryBank
+from edge.model_store import MODEL_FORMAT
+
+
+def bank_to_files(bank: MemoryBank, model_dir: Path) -> dict[str, Any]:
+    (model_dir / "banks").mkdir(parents=True, exist_ok=True)
+    feats_rel, mean_rel = f"banks/{bank.name}.npy", f"banks/{bank.name}_mean.npy"
+    np.save(model_dir / feats_rel, bank.feats_mc, allow_pickle=False)
+    np.save(model_dir / mean_rel, bank.feat_mean_c, allow_pickle=False)
+    return {
+        "file": feats_rel,
+        "mean_file": mean_rel,
+        "feat_scale": bank.feat_scale,
+        "grid": bank.grid,
+        "rows": int(bank.feats_mc.shape[0]),
+        "dim": bank.dim,
+        "encoding": "fp32",
+    }
+
+
+def svm_to_dict(svm: LinearOneClassSVM) -> dict[str, Any]:
+    return {"coef": svm.coef_f.tolist(), "offset": svm.offset}
+
+
+def normaliser_to_dict(norm: ScoreNormaliser | None) -> dict[str, list[float]] | None:
+    if norm is None:
+        return None
+    return {k: np.asarray(getattr(norm, k)).tolist() for k in norm._fields()}
+
+
+def write_model_json(model_dir: Path, payload: dict[str, Any]) -> Path:
+    payload = {"format": MODEL_FORMAT, **payload}
+    path = model_dir / "model.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)  # type: ignore[arg-type]
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,149 @@
+"""What the `m3dm` commands do, one function each: train, export, bundle build and verify."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from core.config import FitConfig, UFFConfig, get_preset
+from core.errors import ConfigError
+from core.mvtec3d import discover_classes
+
+log = logging.getLogger("m3dm.trainer")
+
+
+def resolve_classes(data_root: Path, class_names: list[str], all_classes: bool) -> list[str]:
+    found = discover_classes(data_root)
+    if all_classes:
+        if not found:
+            raise ConfigError(f"no classes found under {data_root}")
+        return found
+    if not class_names:
+        raise ConfigError("name at least one --class, or pass --all")
+    unknown = [c for c in class_names if c not in found]
+    if unknown:
+        raise ConfigError(f"unknown class(es) {unknown} under {data_root}; found {found}")
+    return class_names
+
+
+def train_classes(
+    data_root: Path,
+    out: Path,
+    class_names: list[str],
+    all_classes: bool,
+    preset_name: str,
+    weights_dir: Path | None,
+    allow_random_weights: bool,
+    seed: int,
+    uff_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Fit each class into `out/<class>/`; check weights and options before reading any data."""
+    from trainer.backbones import WeightPaths, build_feature_runners, check_weights_available
+    from trainer.fit import fit_class
+
+    preset = get_preset(preset_name)
+    if preset.random_weights and not allow_random_weights:
+        raise ConfigError(
+            f"preset {preset.name} has RANDOM weights (speed tests only); pass --allow-random-weights to use it"
+        )
+    weights = WeightPaths(weights_dir=weights_dir)
+    check_weights_available(preset, weights)
+    classes = resolve_classes(data_root, class_names, all_classes)
+    uff = UFFConfig(seed=seed) if uff_epochs is None else UFFConfig(seed=seed, epochs=uff_epochs)
+    cfg = FitConfig(preset=preset, uff=uff, seed=seed)
+    cfg = replace(cfg, coreset=replace(cfg.coreset, seed=seed), preprocess=replace(cfg.preprocess, rgb_input_size=preset.rgb_input_size))
+    runners = build_feature_runners(preset, weights)
+    summaries = []
+    t0 = time.perf_counter()
+    for class_name in classes:
+        summaries.append(fit_class(data_root, class_name, cfg, runners, out / class_name))
+    summary = {"preset": preset.name, "classes": summaries, "seconds": time.perf_counter() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _uff_real_inputs(class_dir: Path, info: Any) -> dict[str, Any]:
+    """Real UFF inputs for the parity check: training rows of the point and rgb banks, un-normalised."""
+    import numpy as np
+
+    from edge.model_store import load_banks
+
+    banks = load_banks(info)
+    rows = info.preset.point_grid**2
+
+    def raw_rows(name: str) -> np.ndarray:
+        bank = banks[name]
+        idx = np.arange(rows) % bank.feats_mc.shape[0]
+        return bank.feats_mc[idx] * bank.feat_scale + bank.feat_mean_c
+
+    return {"point_feats": raw_rows("point")[None], "rgb_feats": raw_rows("rgb")[None]}
+
+
+def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dict[str, Any]:
+    """Export this class's networks to `class_dir/onnx/` and check each against torch."""
+    import numpy as np
+    import torch
+
+    from edge.model_store import load_model_info, read_model_json
+    from trainer.backbones import WeightPaths, point_module_for_export, rgb_module_for_export
+    from trainer.export import check_parity, export_onnx
+    from trainer.model_io import write_model_json
+    from trainer.models.uff import UFFExport
+    from trainer.train_uff import load_uff
+
+    info = load_model_info(class_dir)
+    preset, weights = info.preset, WeightPaths(weights_dir=weights_dir)
+    onnx_dir = class_dir / "onnx"
+    jobs: list[tuple[str, Any, dict[str, np.ndarray], list[str]]] = []
+    uff_inputs = _uff_real_inputs(class_dir, info)
+    jobs.append(("uff", UFFExport(load_uff(class_dir / "uff.safetensors")), uff_inputs, ["fused"]))
+    if preset.rgb_backbone != "free":
+        size = preset.rgb_input_size
+        image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+        jobs.append(("rgb", rgb_module_for_export(preset, weights), {"image": image}, ["tokens"]))
+    if preset.point_backbone != "free":
+        rng = np.random.default_rng(1)
+        centers = rng.uniform(-0.05, 0.05, (1, preset.num_groups, 3)).astype(np.float32)
+        neighborhood = rng.normal(0, 0.002, (1, preset.num_groups, preset.group_size, 3)).astype(np.float32)
+        point_inputs = {"neighborhood": neighborhood, "centers": centers}
+        jobs.append(("point", point_module_for_export(preset, weights), point_inputs, ["group_features"]))
+    networks, parity = {}, {}
+    for name, module, inputs, outputs in jobs:
+        path = export_onnx(module, {k: torch.from_numpy(v) for k, v in inputs.items()}, outputs, onnx_dir / f"{name}.onnx")
+        report = check_parity(module, path, inputs)
+        networks[name] = f"onnx/{name}.onnx"
+        parity[name] = {"max_abs_err": report.max_abs_err, "max_rel_err": report.max_rel_err, "ok": report.ok}
+        log.info("%s: exported %s (parity max abs %.2e, rel %.2e)", info.class_name, name, report.max_abs_err, report.max_rel_err)
+    raw = read_model_json(class_dir)
+    raw.pop("format", None)
+    raw["networks"] = networks
+    raw["export"] = {"opset": 17, "parity": parity, "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_model_json(class_dir, raw)
+    engines = _build_engines(class_dir, networks) if engine else {}
+    return {"class": info.class_name, "networks": networks, "parity": parity, "engines": engines}
+
+
+def _build_engines(class_dir: Path, networks: dict[str, str]) -> dict[str, str]:
+    """TensorRT engines next to the ONNX files (needs TensorRT and a GPU: never on CI machines)."""
+    from edge.runners import build_engine, tensorrt_available
+
+    if not tensorrt_available():
+        raise ConfigError("--engine needs TensorRT and an NVIDIA GPU; neither is available here")
+    engines = {}
+    for name, rel in networks.items():
+        onnx_path = class_dir / rel
+        engine_path = onnx_path.with_suffix(".fp16.engine")
+        build_engine(onnx_path, engine_path, fp16=True, timing_cache_path=class_dir / "onnx" / "timing.cache")
+        engines[name] = str(engine_path.relative_to(class_dir))
+    return engines
+
+
+def export_models(model: Path, weights_dir: Path | None, engine: bool) -> dict[str, Any]:
+    from trainer.evaluate import class_dirs
+
+    return {"classes": [export_class(d, weights_dir, engine) for d in class_dirs(model)]}

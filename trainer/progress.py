@@ -1,0 +1,40 @@
+"""Rich progress bars and logging set-up shared by the trainer's long-running commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One handler on stderr so stdout stays clean for --json."""
+    root = logging.getLogger()
+    if any(isinstance(h, RichHandler) for h in root.handlers):
+        return
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar on stderr (hidden when stderr is not a terminal and CI is set)."""
+    disable = not sys.stderr.isatty()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    ) as progress:
+        yield from progress.track(items, total=total, description=description)
