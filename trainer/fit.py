@@ -17,8 +17,7 @@ import numpy as np
 from core.config import FitConfig
 from core.errors import InputError
 from core.features import FeatureRunners
-from core.fusion import LinearOneClassSVM
-from core.model import BANKS, COMBINATIONS, FrameScorer
+from core.model import BANKS, FrameScorer
 from core.scan import PatchFeatures
 from trainer.coreset import build_memory_bank
 from trainer.dataset_features import SplitFeatures, extract_split
@@ -51,9 +50,8 @@ def uff_runner(block: Any) -> TorchRunner:
 
 
 def provisional_scorer(banks: dict, uff: TorchRunner | None, cfg: FitConfig) -> FrameScorer:
-    """A scorer whose DLF is a placeholder: only its per-bank scores are used, to fit the real DLF."""
-    placeholder = {v: (LinearOneClassSVM(np.ones(len(c)), 0.0),) * 2 for v, c in COMBINATIONS.items()}
-    return FrameScorer(banks=banks, dlf=placeholder, normaliser=None, uff=uff, score_cfg=cfg.score)
+    """A scorer without DLF: only its per-bank scores are used, to fit the real DLF."""
+    return FrameScorer(banks=banks, dlf=None, normaliser=None, uff=uff, score_cfg=cfg.score)
 
 
 def held_out_bank_scores(scorer: FrameScorer, split: SplitFeatures) -> tuple[np.ndarray, np.ndarray]:
