@@ -1,0 +1,466 @@
+"""The signed bundle manifest (`m3dm-bundle/1`): everything a station needs to score, beside the artifacts.
+
+The trainer fills it from a model directory; `canonical_json` is the exact byte string that is signed and
+written as `manifest.json`; a station parses it with `manifest_from_json` before trusting any file.
+Stdlib only. Every record is a frozen dataclass with strict `to_dict()` / `from_dict()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import types
+import uuid
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from protocol.errors import SchemaError
+
+__all__ = [
+    "BANK_ENCODINGS",
+    "MANIFEST_NAME",
+    "NETWORK_NAMES",
+    "PRECISIONS",
+    "SCHEMA_VERSION",
+    "SIGNATURE_NAME",
+    "ArtifactRef",
+    "BankSpec",
+    "BundleManifest",
+    "DLFCoefficients",
+    "FeatureSpec",
+    "GoldenSample",
+    "InputSpec",
+    "Provenance",
+    "ScoringSpec",
+    "Thresholds",
+    "canonical_json",
+    "check_relpath",
+    "format_utc",
+    "manifest_from_json",
+    "new_bundle_id",
+    "parse_utc",
+]
+
+SCHEMA_VERSION = "m3dm-bundle/1"
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+BANK_ENCODINGS = ("fp32", "fp16", "int8", "pq")
+PRECISIONS = ("fp32", "fp16")
+NETWORK_NAMES = ("rgb", "point", "uff")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
+_SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def new_bundle_id() -> str:
+    """A fresh bundle id: uuid4 as 32 lowercase hex characters."""
+    return uuid.uuid4().hex
+
+
+def format_utc(moment: datetime) -> str:
+    """ISO 8601 UTC with a `Z` suffix, whole seconds (`2026-01-31T12:00:00Z`)."""
+    if moment.tzinfo is None:
+        raise SchemaError("datetime must be timezone-aware")
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_utc(text: str) -> datetime:
+    """Parse an ISO 8601 timestamp that carries a timezone; `Z` is accepted (Python 3.10 lacks it)."""
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except (TypeError, ValueError):
+        raise SchemaError(f"not an ISO 8601 timestamp: {text!r}") from None
+    if moment.tzinfo is None:
+        raise SchemaError(f"timestamp has no timezone: {text!r}")
+    return moment
+
+
+def check_relpath(path: str) -> str:
+    """Return `path` if it is a clean relative POSIX path inside a bundle, else raise SchemaError."""
+    pure = PurePosixPath(path)
+    bad = (
+        not path
+        or "\\" in path
+        or "\x00" in path
+        or pure.is_absolute()
+        or str(pure) != path
+        or any(part in ("..", ".") for part in pure.parts)
+        or path in (MANIFEST_NAME, SIGNATURE_NAME)
+    )
+    if bad:
+        raise SchemaError(f"bundle path must be relative, normalised, without '..', not reserved: {path!r}")
+    return path
+
+
+def _check_sha256(value: str, where: str) -> None:
+    if not _SHA256.fullmatch(value):
+        raise SchemaError(f"{where}: sha256 must be 64 lowercase hex characters, got {value!r}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SchemaError(message)
+
+
+# ------------------------------------------------------------------------- strict (de)serialisation
+
+
+def _to_json(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _check_json_value(value: Any, where: str) -> Any:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"{where}: not a JSON value ({exc})") from None
+    return value
+
+
+def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise SchemaError(f"{where}: must be finite, got {value!r}")
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise SchemaError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch per JSON shape
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return _check_json_value(value, where)
+    if is_dataclass(tp):
+        return _from_mapping(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
+        item_types = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise SchemaError(f"{where}: expected {len(item_types)} items, got {len(value)}")
+        items = [
+            _convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True))
+        ]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise SchemaError(f"{where}: expected an object with string keys")
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    return _convert_scalar(tp, value, where)
+
+
+def _from_mapping(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SchemaError(f"{where}: unknown field(s) {unknown}")
+    required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = sorted(n for n in required if n not in data)
+    if missing:
+        raise SchemaError(f"{where}: missing field(s) {missing}")
+    values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**values)
+
+
+class _Record:
+    """Mixin: strict JSON-compatible `to_dict()` / `from_dict()` for the frozen records below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only: tuples become lists, records become objects."""
+        return _to_json(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Build from `to_dict()` output; unknown or missing fields and wrong types raise SchemaError."""
+        return _from_mapping(cls, data, cls.__name__)
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class InputSpec(_Record):
+    """Preprocessing a station must reproduce; field names match `core.config.PreprocessConfig`."""
+
+    rgb_input_size: int
+    image_size: int
+    rgb_mean: tuple[float, float, float]
+    rgb_std: tuple[float, float, float]
+    border_px: int
+    ransac_threshold_m: float
+    ransac_n: int
+    ransac_iterations: int
+    plane_removal_m: float
+    pad_multiple: int
+    keep_largest_cluster: bool
+    cluster_eps_m: float
+    cluster_min_points: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        _require(self.rgb_input_size > 0 and self.image_size > 0, "InputSpec: sizes must be positive")
+        _require(all(s > 0 for s in self.rgb_std), "InputSpec: rgb_std must be positive")
+        _require(
+            0 < self.ransac_threshold_m < 1 and 0 < self.plane_removal_m < 1, "InputSpec: metres in (0,1)"
+        )
+
+
+@dataclass(frozen=True)
+class FeatureSpec(_Record):
+    """Backbones and feature geometry: channel dims, patch grids and point grouping."""
+
+    rgb_backbone: str
+    point_backbone: str
+    rgb_dim: int
+    point_dim: int
+    fusion_dim: int
+    rgb_grid: int
+    point_grid: int
+    num_groups: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        dims = (
+            self.rgb_dim,
+            self.point_dim,
+            self.rgb_grid,
+            self.point_grid,
+            self.num_groups,
+            self.group_size,
+        )
+        _require(all(d > 0 for d in dims), "FeatureSpec: dims, grids and group sizes must be positive")
+        _require(
+            self.fusion_dim == self.rgb_dim + self.point_dim, "FeatureSpec: fusion_dim != rgb+point dims"
+        )
+
+
+@dataclass(frozen=True)
+class ArtifactRef(_Record):
+    """One network file. `sha256=""` and `size_bytes=0` mark a draft the bundle builder fills in."""
+
+    path: str
+    sha256: str = ""
+    size_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        check_relpath(self.path)
+        if self.sha256:
+            _check_sha256(self.sha256, self.path)
+        _require(self.size_bytes >= 0, f"{self.path}: size_bytes must be >= 0")
+
+
+@dataclass(frozen=True)
+class BankSpec(_Record):
+    """One memory bank file (rows x dim, encoded) and the scalar stats its features are mapped with."""
+
+    path: str
+    encoding: str
+    rows: int
+    dim: int
+    grid: int  # side of the patch grid this bank's features live on (e.g. 28 for rgb, 56 for point)
+    feat_mean: float = 0.0  # M3DM maps every feature as (v - mean) / std with global scalars
+    feat_std: float = 1.0
+    stats_path: str | None = None  # optional per-dimension stats (.npy) instead of the scalars
+    pq_m: int | None = None  # PQ sub-quantisers; only for encoding "pq"
+
+    def __post_init__(self) -> None:
+        check_relpath(self.path)
+        if self.stats_path is not None:
+            check_relpath(self.stats_path)
+        _require(self.encoding in BANK_ENCODINGS, f"{self.path}: unknown bank encoding {self.encoding!r}")
+        _require(self.rows > 0 and self.dim > 0 and self.grid > 0, f"{self.path}: rows/dim/grid must be > 0")
+        _require(self.feat_std > 0, f"{self.path}: feat_std must be > 0")
+        _require(
+            (self.pq_m is not None) == (self.encoding == "pq"), f"{self.path}: pq_m is set iff encoding pq"
+        )
+        if self.pq_m is not None:
+            _require(self.pq_m > 0 and self.dim % self.pq_m == 0, f"{self.path}: pq_m must divide dim")
+
+
+@dataclass(frozen=True)
+class DLFCoefficients(_Record):
+    """Linear one-class SVMs of one combined variant: score = coef . per-bank scores (+ offset)."""
+
+    image_coef: tuple[float, ...]
+    image_offset: float
+    pixel_coef: tuple[float, ...]
+    pixel_offset: float
+
+
+@dataclass(frozen=True)
+class ScoringSpec(_Record):
+    """Per-bank scoring and decision fusion. `score_stats`: variant -> named normalisation stats."""
+
+    rgb_lambda: float
+    blur_sigma_px: float
+    reweight_k: int
+    output_size: int
+    score_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    dlf: dict[str, DLFCoefficients] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.blur_sigma_px >= 0, "ScoringSpec: blur_sigma_px must be >= 0")
+        _require(self.reweight_k >= 1 and self.output_size > 0, "ScoringSpec: reweight_k/output_size > 0")
+
+
+@dataclass(frozen=True)
+class Thresholds(_Record):
+    """The decision: image score of `variant` above `image_threshold` is NOK."""
+
+    variant: str
+    image_threshold: float
+    false_reject_rate: float  # on held-out normal parts, at this threshold
+    pixel_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.false_reject_rate <= 1.0, "Thresholds: false_reject_rate must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Provenance(_Record):
+    """Where the model came from; `training_config` is the resolved config as JSON values."""
+
+    dataset: str
+    training_config: dict[str, Any]
+    git_commit: str
+    trainer_version: str
+    host: str
+
+
+@dataclass(frozen=True)
+class GoldenSample(_Record):
+    """A self-test: this input (.npz with `rgb`, `xyz`) must reproduce these outputs on the station."""
+
+    input_path: str
+    expected_image_score: float
+    expected_map_sha256: str  # sha256 of the anomaly map cast to little-endian float16, C order
+    expected_map_mean: float
+    tolerance_abs: float
+    variant: str = "rgb+point+fusion"
+
+    def __post_init__(self) -> None:
+        check_relpath(self.input_path)
+        _require(self.input_path.endswith(".npz"), f"{self.input_path}: golden input must be .npz")
+        _check_sha256(self.expected_map_sha256, self.input_path)
+        _require(self.tolerance_abs >= 0, f"{self.input_path}: tolerance_abs must be >= 0")
+
+
+@dataclass(frozen=True)
+class BundleManifest(_Record):
+    """The whole manifest. `files` lists every file except manifest.json / manifest.sig with its sha256."""
+
+    schema_version: str
+    bundle_id: str
+    version: str  # semver of this model for this class
+    class_name: str
+    preset: str
+    random_weights: bool  # loud flag: backbones were NOT pretrained; scores mean little
+    created_utc: str
+    expires_utc: str
+    anti_rollback_counter: int
+    input_spec: InputSpec
+    feature_spec: FeatureSpec
+    networks: dict[str, ArtifactRef]
+    banks: dict[str, BankSpec]
+    scoring: ScoringSpec
+    thresholds: Thresholds
+    precision: str
+    provenance: Provenance
+    golden: list[GoldenSample] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.schema_version == SCHEMA_VERSION, f"unknown schema_version {self.schema_version!r}")
+        _require(
+            bool(_BUNDLE_ID.fullmatch(self.bundle_id)), f"bundle_id must be uuid4 hex: {self.bundle_id!r}"
+        )
+        _require(bool(_SEMVER.fullmatch(self.version)), f"version must be semver: {self.version!r}")
+        _require(
+            parse_utc(self.expires_utc) > parse_utc(self.created_utc), "expires_utc must follow created_utc"
+        )
+        _require(self.anti_rollback_counter >= 0, "anti_rollback_counter must be >= 0")
+        _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}: {self.precision!r}")
+        unknown = sorted(set(self.networks) - set(NETWORK_NAMES))
+        _require(not unknown, f"unknown network name(s) {unknown}; known: {NETWORK_NAMES}")
+        _require("uff" in self.networks, "networks must include 'uff' (every preset fuses features)")
+        _require(bool(self.banks), "at least one memory bank is required")
+        for relpath, digest in self.files.items():
+            check_relpath(relpath)
+            _check_sha256(digest, relpath)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BundleManifest:
+        """Strict parse of a sealed manifest: the schema version is checked first, then every field."""
+        if not isinstance(data, dict):
+            raise SchemaError(f"manifest must be a JSON object, got {type(data).__name__}")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaError(
+                f"unknown schema_version {data.get('schema_version')!r}; expected {SCHEMA_VERSION}"
+            )
+        manifest = _from_mapping(cls, data, "manifest")
+        manifest.check_sealed()
+        return manifest
+
+    def referenced_paths(self) -> list[str]:
+        """Every file the manifest points at (networks, banks, bank stats, golden inputs), sorted."""
+        paths = {ref.path for ref in self.networks.values()} | {bank.path for bank in self.banks.values()}
+        paths |= {bank.stats_path for bank in self.banks.values() if bank.stats_path is not None}
+        paths |= {sample.input_path for sample in self.golden}
+        return sorted(paths)
+
+    def check_sealed(self) -> None:
+        """Raise SchemaError unless `files` is filled and covers every reference with matching hashes."""
+        _require(bool(self.files), "manifest lists no files")
+        missing = [p for p in self.referenced_paths() if p not in self.files]
+        _require(not missing, f"referenced file(s) not listed in `files`: {missing}")
+        for name, ref in self.networks.items():
+            _require(
+                ref.sha256 == self.files[ref.path], f"network {name!r}: sha256 differs from files[{ref.path}]"
+            )
+
+
+def canonical_json(manifest: BundleManifest) -> bytes:
+    """The signed bytes: sorted keys, no whitespace, ASCII, no NaN. Also what manifest.json holds."""
+    try:
+        text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise SchemaError(f"manifest is not JSON-serialisable: {exc}") from None
+    return text.encode("ascii")
+
+
+def _reject_constant(name: str) -> Any:
+    raise SchemaError(f"manifest contains {name}, which is not JSON")
+
+
+def manifest_from_json(data: bytes) -> BundleManifest:
+    """Parse and validate manifest.json bytes; anything unexpected raises SchemaError."""
+    try:
+        parsed = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaError(f"manifest.json is not valid JSON: {exc}") from None
+    return BundleManifest.from_dict(parsed)

@@ -1,0 +1,287 @@
+"""Station-side bundle checks: every tampering, wrong key, expiry, rollback, and hostile or truncated tars."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.bundle import (
+    golden_map_sha256,
+    inspect_bundle,
+    load_banks,
+    safe_extract,
+    verify_bundle,
+    verify_report,
+)
+from protocol.errors import (
+    ArchiveError,
+    ExpiredError,
+    HashMismatchError,
+    RollbackError,
+    SchemaError,
+    SignatureError,
+)
+from protocol.manifest import (
+    SCHEMA_VERSION,
+    ArtifactRef,
+    BankSpec,
+    BundleManifest,
+    FeatureSpec,
+    GoldenSample,
+    InputSpec,
+    Provenance,
+    ScoringSpec,
+    Thresholds,
+)
+from trainer.bank_encode import encode_bank, save_encoded_bank
+from trainer.bundle import BundleContents, build_bundle, keygen, tar_path_for
+
+NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+PAYLOAD = ["banks/point.npz", "banks/rgb.npy", "golden/0.npz", "onnx/rgb.onnx", "onnx/uff.onnx"]
+ALL_FILES = sorted([*PAYLOAD, "manifest.json", "manifest.sig"])
+
+
+def make_contents(tmp: Path) -> BundleContents:
+    rng = np.random.default_rng(0)
+    save_encoded_bank(encode_bank(rng.normal(size=(6, 4)).astype(np.float32), "fp32"), tmp / "rgb.npy")
+    save_encoded_bank(encode_bank(rng.normal(size=(7, 4)).astype(np.float32), "int8"), tmp / "point.npz")
+    np.savez(tmp / "golden.npz", rgb=np.zeros((8, 8, 3), np.uint8), xyz=np.zeros((8, 8, 3), np.float32))
+    golden_sha = golden_map_sha256(np.zeros((8, 8), np.float32))
+    manifest = BundleManifest(
+        schema_version=SCHEMA_VERSION,
+        bundle_id="0123456789abcdef0123456789abcdef",
+        version="2.0.0",
+        class_name="bagel",
+        preset="m3dm-free",
+        random_weights=False,
+        created_utc="2026-01-01T00:00:00Z",
+        expires_utc="2027-01-01T00:00:00Z",
+        anti_rollback_counter=5,
+        input_spec=InputSpec(
+            224, 224, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 10, 0.004, 50, 100, 0.005, 100, False, 0.006, 30, 0
+        ),
+        feature_spec=FeatureSpec("free", "free", 4, 4, 8, 28, 56, 16, 8),
+        networks={"uff": ArtifactRef("onnx/uff.onnx"), "rgb": ArtifactRef("onnx/rgb.onnx")},
+        banks={
+            "rgb": BankSpec("banks/rgb.npy", "fp32", 6, 4, 28),
+            "point": BankSpec("banks/point.npz", "int8", 7, 4, 56),
+        },
+        scoring=ScoringSpec(0.1, 4.0, 3, 224),
+        thresholds=Thresholds("rgb", 1.0, 0.05),
+        precision="fp16",
+        provenance=Provenance("synthetic", {"seed": 0}, "abc123", "0.1.0", "test"),
+        golden=[GoldenSample("golden/0.npz", 0.0, golden_sha, 0.0, 1e-3)],
+    )
+    files = {
+        "onnx/uff.onnx": b"\x08\x07uff graph bytes",
+        "onnx/rgb.onnx": b"\x08\x07rgb graph bytes",
+        "banks/rgb.npy": tmp / "rgb.npy",
+        "banks/point.npz": tmp / "point.npz",
+        "golden/0.npz": tmp / "golden.npz",
+    }
+    return BundleContents(manifest, files)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(bundle_dir, public_key, other_public_key) built once; tests copy before tampering."""
+    root = tmp_path_factory.mktemp("built")
+    keygen(root / "keys")
+    _, other_public = keygen(root / "other_keys")
+    bundle_dir = build_bundle(make_contents(root), root / "keys", root / "bundles" / "bagel-2.0.0")
+    return bundle_dir, root / "keys" / "bundle_signing.pub", other_public
+
+
+@pytest.fixture
+def bundle_copy(built: tuple[Path, Path, Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(built[0], tmp_path / "bundle"))
+
+
+def test_fresh_bundle_verifies_from_dir_and_from_tar(built, tmp_path: Path) -> None:
+    bundle_dir, public_key, _ = built
+    manifest = verify_bundle(bundle_dir, public_key, now=NOW, min_counter=5)
+    assert manifest.version == "2.0.0" and manifest.anti_rollback_counter == 5
+    extracted = safe_extract(tar_path_for(bundle_dir), tmp_path / "installed")
+    assert verify_bundle(extracted, public_key, now=NOW) == manifest
+    report = verify_report(extracted, public_key, now=NOW)
+    assert report.ok and [c.status for c in report.checks.values()] == ["ok"] * 5
+    json.dumps(report.to_dict())
+
+
+def test_parametrised_files_cover_the_whole_bundle(built) -> None:
+    bundle_dir = built[0]
+    assert (
+        sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file())
+        == ALL_FILES
+    )
+
+
+@pytest.mark.parametrize("relpath", ALL_FILES)
+def test_one_flipped_byte_anywhere_is_rejected(built, bundle_copy: Path, relpath: str) -> None:
+    path = bundle_copy / relpath
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = verify_report(bundle_copy, built[1], now=NOW)
+    assert not report.ok
+    failed = [name for name, check in report.checks.items() if check.status == "failed"]
+    assert len(failed) == 1
+    if relpath == "manifest.json":  # either no longer parses/validates, or no longer matches the signature
+        assert failed[0] in ("schema", "signature")
+        expected: tuple[type[Exception], ...] = (SchemaError, SignatureError)
+    elif relpath == "manifest.sig":
+        assert failed == ["signature"]
+        expected = (SignatureError,)
+    else:
+        assert failed == ["hashes"] and relpath in report.checks["hashes"].message
+        expected = (HashMismatchError,)
+    with pytest.raises(expected):
+        verify_bundle(bundle_copy, built[1], now=NOW)
+
+
+def test_wrong_public_key_fails_signature(built) -> None:
+    bundle_dir, _, other_public = built
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify_bundle(bundle_dir, other_public, now=NOW)
+
+
+def test_expired_bundle_names_both_dates(built) -> None:
+    with pytest.raises(ExpiredError, match="2027-01-01T00:00:00Z.*2027-02-01"):
+        verify_bundle(built[0], built[1], now=datetime(2027, 2, 1, tzinfo=timezone.utc))
+
+
+def test_lower_anti_rollback_counter_is_refused(built) -> None:
+    with pytest.raises(RollbackError, match="5 < station minimum 6"):
+        verify_bundle(built[0], built[1], now=NOW, min_counter=6)
+    report = verify_report(built[0], built[1], now=NOW, min_counter=6)
+    assert report.to_dict()["checks"]["rollback"]["status"] == "failed"
+
+
+def test_unlisted_missing_and_linked_files_are_rejected(built, bundle_copy: Path) -> None:
+    (bundle_copy / "extra.bin").write_bytes(b"x")
+    with pytest.raises(HashMismatchError, match="extra.bin.*not listed"):
+        verify_bundle(bundle_copy, built[1], now=NOW)
+    (bundle_copy / "extra.bin").unlink()
+    (bundle_copy / "banks/rgb.npy").unlink()
+    with pytest.raises(HashMismatchError, match="banks/rgb.npy.*missing"):
+        verify_bundle(bundle_copy, built[1], now=NOW)
+    (bundle_copy / "banks/rgb.npy").symlink_to(built[0] / "banks/rgb.npy")
+    with pytest.raises(HashMismatchError, match="links are refused"):
+        verify_bundle(bundle_copy, built[1], now=NOW)
+
+
+def test_failed_check_skips_the_rest_in_the_report(built, bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.sig").write_bytes(b"short")
+    statuses = {
+        n: c["status"] for n, c in verify_report(bundle_copy, built[1], now=NOW).to_dict()["checks"].items()
+    }
+    assert statuses == {
+        "schema": "ok",
+        "signature": "failed",
+        "hashes": "skipped",
+        "expiry": "skipped",
+        "rollback": "skipped",
+    }
+
+
+def test_missing_manifest_is_a_schema_error(built, bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(SchemaError, match="missing"):
+        verify_bundle(bundle_copy, built[1], now=NOW)
+
+
+@pytest.mark.parametrize("cut", ["mid_header", "mid_data", "no_end_marker", "empty"])
+def test_truncated_tar_is_rejected_and_leaves_nothing(built, tmp_path: Path, cut: str) -> None:
+    data = tar_path_for(built[0]).read_bytes()
+    first_size = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[0].size
+    end = {
+        "mid_header": 512 + 512 * ((first_size + 511) // 512) + 100,
+        "mid_data": 512 + first_size // 2,
+        "no_end_marker": len(data.rstrip(b"\0")) + (-len(data.rstrip(b"\0")) % 512),
+        "empty": 0,
+    }[cut]
+    truncated = tmp_path / "cut.tar"
+    truncated.write_bytes(data[:end])
+    with pytest.raises(ArchiveError):
+        safe_extract(truncated, tmp_path / "out" / "dest")
+    assert not (tmp_path / "out" / "dest").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # the temporary directory was removed too
+
+
+def hostile_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"evil", target: str = "") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+@pytest.mark.parametrize(
+    ("members", "match"),
+    [
+        ([member("../evil")], "escape"),
+        ([member("ok/../../evil")], "escape"),
+        ([member("/tmp/evil")], "escape"),
+        ([member("link", tarfile.SYMTYPE, target="/etc/passwd")], "not a regular file"),
+        ([member("a"), member("hard", tarfile.LNKTYPE, target="a")], "not a regular file"),
+        ([member("dev", tarfile.CHRTYPE)], "not a regular file"),
+        ([member("a"), member("a")], "twice"),
+        ([member("big", data=b"x" * 2048)], "cap"),
+    ],
+)
+def test_hostile_tar_members_are_rejected(tmp_path: Path, members: list, match: str) -> None:
+    tar = hostile_tar(tmp_path / "hostile.tar", members)
+    with pytest.raises(ArchiveError, match=match):
+        safe_extract(tar, tmp_path / "deep" / "dest", max_member_bytes=1024)
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "deep" / "evil").exists()
+    assert list((tmp_path / "deep").iterdir()) == []
+
+
+def test_extract_refuses_existing_destination(built, tmp_path: Path) -> None:
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(ArchiveError, match="already exists"):
+        safe_extract(tar_path_for(built[0]), tmp_path / "dest")
+
+
+def test_inspect_dir_and_tar_agree(built) -> None:
+    from_dir, from_tar = inspect_bundle(built[0]), inspect_bundle(tar_path_for(built[0]))
+    assert {k: v for k, v in from_dir.items() if k != "path"} == {
+        k: v for k, v in from_tar.items() if k != "path"
+    }
+    assert from_dir["verified"] is False and from_dir["signed"] is True
+    assert from_dir["banks"]["point"] == {
+        "encoding": "int8",
+        "rows": 7,
+        "dim": 4,
+        "size_bytes": from_dir["banks"]["point"]["size_bytes"],
+    }
+    assert from_dir["file_count"] == len(ALL_FILES)
+
+
+def test_load_banks_after_verification(built) -> None:
+    manifest = verify_bundle(built[0], built[1], now=NOW)
+    banks = load_banks(built[0], manifest)
+    assert {name: (b.encoding, b.rows, b.dim) for name, b in banks.items()} == {
+        "point": ("int8", 7, 4),
+        "rgb": ("fp32", 6, 4),
+    }
+
+
+def test_golden_map_sha256_hashes_float16_bytes() -> None:
+    map_hw = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    assert golden_map_sha256(map_hw) == hashlib.sha256(map_hw.astype("<f2").tobytes()).hexdigest()
+    assert golden_map_sha256(map_hw) != golden_map_sha256(map_hw + 1e-2)

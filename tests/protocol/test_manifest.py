@@ -1,0 +1,149 @@
+"""Manifest schema: strict round trip, canonical JSON, and refusal of malformed fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from protocol.errors import SchemaError
+from protocol.manifest import (
+    SCHEMA_VERSION,
+    ArtifactRef,
+    BankSpec,
+    BundleManifest,
+    DLFCoefficients,
+    FeatureSpec,
+    GoldenSample,
+    InputSpec,
+    Provenance,
+    ScoringSpec,
+    Thresholds,
+    canonical_json,
+    check_relpath,
+    manifest_from_json,
+)
+
+SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
+
+
+def sealed_manifest(**overrides: object) -> BundleManifest:
+    fields = dict(
+        schema_version=SCHEMA_VERSION,
+        bundle_id="0123456789abcdef0123456789abcdef",
+        version="1.2.3",
+        class_name="bagel",
+        preset="m3dm-free",
+        random_weights=False,
+        created_utc="2026-01-01T00:00:00Z",
+        expires_utc="2027-01-01T00:00:00Z",
+        anti_rollback_counter=7,
+        input_spec=InputSpec(
+            224,
+            224,
+            (0.485, 0.456, 0.406),
+            (0.229, 0.224, 0.225),
+            10,
+            0.004,
+            50,
+            1000,
+            0.005,
+            100,
+            False,
+            0.006,
+            30,
+            0,
+        ),  # fmt: skip
+        feature_spec=FeatureSpec("free", "free", 48, 48, 96, 28, 56, 1024, 128),
+        networks={"uff": ArtifactRef("onnx/uff.onnx", SHA_A, 10)},
+        banks={"rgb": BankSpec("banks/rgb.npz", "pq", 300, 48, 28, feat_mean=0.1, feat_std=2.0, pq_m=6)},
+        scoring=ScoringSpec(
+            0.1,
+            4.0,
+            3,
+            224,
+            {"rgb": {"image_mean": 1.0}},
+            {"rgb+point": DLFCoefficients((1.0, 2.0), 0.0, (3.0,), 1.5)},
+        ),
+        thresholds=Thresholds("rgb+point+fusion", 2.5, 0.01),
+        precision="fp32",
+        provenance=Provenance("synthetic", {"lr": 0.003, "layers": [3, 7]}, "deadbeef", "0.1.0", "host"),
+        golden=[GoldenSample("golden/0.npz", 1.25, SHA_C, 0.5, 1e-3)],
+        files={"onnx/uff.onnx": SHA_A, "banks/rgb.npz": SHA_B, "golden/0.npz": SHA_C},
+    )
+    fields.update(overrides)
+    return BundleManifest(**fields)
+
+
+def test_round_trip_through_dict_and_canonical_json() -> None:
+    manifest = sealed_manifest()
+    assert BundleManifest.from_dict(manifest.to_dict()) == manifest
+    raw = canonical_json(manifest)
+    assert manifest_from_json(raw) == manifest
+    assert raw == json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    assert isinstance(manifest.to_dict()["input_spec"]["rgb_mean"], list)  # plain JSON types only
+
+
+def test_canonical_json_is_key_order_independent() -> None:
+    manifest = sealed_manifest()
+    shuffled = dict(reversed(list(manifest.to_dict().items())))
+    assert canonical_json(BundleManifest.from_dict(shuffled)) == canonical_json(manifest)
+
+
+def test_unknown_schema_version_is_refused() -> None:
+    data = sealed_manifest().to_dict() | {"schema_version": "m3dm-bundle/2"}
+    with pytest.raises(SchemaError, match="schema_version"):
+        BundleManifest.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d | {"surprise": 1}, "unknown field"),
+        (lambda d: {k: v for k, v in d.items() if k != "preset"}, "missing field"),
+        (lambda d: d | {"anti_rollback_counter": "7"}, "expected int"),
+        (lambda d: d | {"random_weights": 1}, "expected bool"),
+        (lambda d: d | {"version": "1.2"}, "semver"),
+        (lambda d: d | {"bundle_id": "xyz"}, "uuid4"),
+        (lambda d: d | {"expires_utc": "2025-01-01T00:00:00Z"}, "expires_utc"),
+        (lambda d: d | {"created_utc": "2026-01-01T00:00:00"}, "timezone"),
+        (lambda d: d | {"precision": "int4"}, "precision"),
+        (lambda d: d | {"networks": {}}, "uff"),
+        (lambda d: d | {"files": {"../x": SHA_A}}, "relative"),
+        (lambda d: d | {"files": {"onnx/uff.onnx": SHA_A}}, "not listed"),
+        (lambda d: d | {"files": {**d["files"], "onnx/uff.onnx": SHA_B}}, "sha256 differs"),
+        (lambda d: d | {"input_spec": {**d["input_spec"], "rgb_mean": [0.1, 0.2]}}, "expected 3 items"),
+        (lambda d: d | {"banks": {"rgb": {**d["banks"]["rgb"], "encoding": "zip"}}}, "encoding"),
+        (lambda d: d | {"banks": {"rgb": {**d["banks"]["rgb"], "pq_m": 5}}}, "pq_m"),
+    ],
+)
+def test_malformed_fields_raise_schema_error(mutate, match) -> None:
+    with pytest.raises(SchemaError, match=match):
+        BundleManifest.from_dict(mutate(sealed_manifest().to_dict()))
+
+
+def test_manifest_from_json_rejects_garbage_and_nan() -> None:
+    with pytest.raises(SchemaError, match="not valid JSON"):
+        manifest_from_json(b"{not json")
+    raw = canonical_json(sealed_manifest()).replace(
+        b'"expected_image_score":1.25', b'"expected_image_score":NaN'
+    )
+    with pytest.raises(SchemaError, match="NaN"):
+        manifest_from_json(raw)
+
+
+def test_draft_artifact_refs_allowed_but_unsealed_manifest_refused() -> None:
+    draft = sealed_manifest(networks={"uff": ArtifactRef("onnx/uff.onnx")}, files={})
+    with pytest.raises(SchemaError, match="no files"):
+        draft.check_sealed()
+    with pytest.raises(SchemaError):
+        BundleManifest.from_dict(dataclasses.replace(draft).to_dict())
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "/abs", "a/../b", "./a", "a//b", "a\\b", "manifest.json", "manifest.sig"]
+)
+def test_check_relpath_rejects_unsafe_paths(bad: str) -> None:
+    with pytest.raises(SchemaError):
+        check_relpath(bad)
