@@ -67,8 +67,8 @@ class FeaturePreset:
 
 
 # Dimensions of the weight-free descriptors (core/free_features.py owns their definition).
-FREE_RGB_DIM = 48
-FREE_POINT_DIM = 48
+FREE_RGB_DIM = 35
+FREE_POINT_DIM = 9
 
 PRESETS: dict[str, FeaturePreset] = {
     "m3dm": FeaturePreset("m3dm", "dino_vitb8", "point_mae", 224, 768, 1152, needs_weights=True),
