@@ -56,6 +56,9 @@ class FeaturePreset:
     point_layers: tuple[int, ...] = (3, 7, 11)
     needs_weights: bool = False
     random_weights: bool = False
+    # "scalar": one std per bank (M3DM, network features share units); "per_dim": per-channel std, for
+    # hand-made descriptors whose channels have unrelated units (measured: +0.11 I-AUROC for free rgb).
+    bank_norm: str = "scalar"
 
     @property
     def fusion_dim(self) -> int:
@@ -73,8 +76,12 @@ FREE_POINT_DIM = 9
 PRESETS: dict[str, FeaturePreset] = {
     "m3dm": FeaturePreset("m3dm", "dino_vitb8", "point_mae", 224, 768, 1152, needs_weights=True),
     "m3dm-v2": FeaturePreset("m3dm-v2", "dinov2_vitb14", "point_mae", 392, 768, 1152, needs_weights=True),
-    "m3dm-random": FeaturePreset("m3dm-random", "dino_vitb8", "point_mae", 224, 768, 1152, random_weights=True),
-    "m3dm-free": FeaturePreset("m3dm-free", "free", "free", 224, FREE_RGB_DIM, FREE_POINT_DIM),
+    "m3dm-random": FeaturePreset(
+        "m3dm-random", "dino_vitb8", "point_mae", 224, 768, 1152, random_weights=True
+    ),
+    "m3dm-free": FeaturePreset(
+        "m3dm-free", "free", "free", 224, FREE_RGB_DIM, FREE_POINT_DIM, bank_norm="per_dim"
+    ),
 }
 
 

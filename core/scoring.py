@@ -32,15 +32,17 @@ class MemoryBank:
 
     feats_mc: (M, C) float32 rows already normalised as (raw - feat_mean_c) / feat_scale.
     grid: side of the square patch grid queries come on (28 for rgb, 56 for point/fusion).
-    feat_mean_c: (C,) float32 and feat_scale: scalar, fitted on this bank's own training rows before
-    subsampling (the original used the xyz mean and rgb std for every bank, spec §5; we do not).
+    feat_mean_c: (C,) float32 and feat_scale: a scalar (M3DM-style, for network features) or a (C,)
+    per-channel std (for hand-made descriptors whose channels have unrelated units), fitted on this bank's
+    own training rows before subsampling (the original used the xyz mean and rgb std for every bank, spec
+    §5; we do not).
     """
 
     name: str
     feats_mc: np.ndarray
     grid: int
     feat_mean_c: np.ndarray
-    feat_scale: float
+    feat_scale: float | np.ndarray
     sq_norms_m: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,13 +52,18 @@ class MemoryBank:
             raise ShapeError(f"bank feats must be (M>0, C), got {feats.shape}", self.name)
         if mean.shape != (feats.shape[1],):
             raise ShapeError(f"feat_mean_c {mean.shape} does not match C={feats.shape[1]}", self.name)
-        if not (np.isfinite(self.feat_scale) and self.feat_scale > 0) or self.grid <= 0:
+        scale = np.asarray(self.feat_scale, dtype=np.float32)
+        if scale.shape not in ((), (feats.shape[1],)):
+            raise ShapeError(
+                f"feat_scale must be a scalar or ({feats.shape[1]},), got {scale.shape}", self.name
+            )
+        if not (np.isfinite(scale).all() and (scale > 0).all()) or self.grid <= 0:
             raise ConfigError(f"bank {self.name!r}: feat_scale must be > 0 and grid positive")
         if not np.isfinite(feats).all():
             raise ShapeError("bank feats contain NaN or inf", self.name)
         object.__setattr__(self, "feats_mc", feats)
         object.__setattr__(self, "feat_mean_c", mean)
-        object.__setattr__(self, "feat_scale", float(self.feat_scale))
+        object.__setattr__(self, "feat_scale", float(scale) if scale.ndim == 0 else scale)
         object.__setattr__(self, "sq_norms_m", np.einsum("mc,mc->m", feats, feats))
 
     @property
@@ -198,9 +205,9 @@ def gaussian_blur(map_hw: np.ndarray, sigma_px: float = 4.0) -> np.ndarray:
 
 def normalise_features(feats_nc: np.ndarray, bank: MemoryBank) -> np.ndarray:
     """Map raw (N, C) features into the bank's normalised space, float32."""
-    return ((np.asarray(feats_nc, dtype=np.float32) - bank.feat_mean_c) / np.float32(bank.feat_scale)).astype(
-        np.float32, copy=False
-    )
+    return (
+        (np.asarray(feats_nc, dtype=np.float32) - bank.feat_mean_c) / np.asarray(bank.feat_scale, np.float32)
+    ).astype(np.float32, copy=False)
 
 
 def score_bank(query_hwc: np.ndarray, bank: MemoryBank, cfg: ScoreConfig) -> BankScore:

@@ -87,7 +87,9 @@ def load_banks(info: ModelInfo) -> dict[str, MemoryBank]:
             feats_mc=load_array(info.root / spec["file"]),
             grid=int(spec["grid"]),
             feat_mean_c=load_array(info.root / spec["mean_file"]),
-            feat_scale=float(spec["feat_scale"]),
+            feat_scale=load_array(info.root / spec["scale_file"])
+            if spec.get("scale_file")
+            else float(spec["feat_scale"]),
         )
     return banks
 
@@ -95,8 +97,12 @@ def load_banks(info: ModelInfo) -> dict[str, MemoryBank]:
 def load_dlf(raw: dict[str, Any]) -> dict[str, tuple[LinearOneClassSVM, LinearOneClassSVM]]:
     return {
         variant: (
-            LinearOneClassSVM(np.asarray(raw["dlf"][variant]["image"]["coef"]), raw["dlf"][variant]["image"]["offset"]),
-            LinearOneClassSVM(np.asarray(raw["dlf"][variant]["pixel"]["coef"]), raw["dlf"][variant]["pixel"]["offset"]),
+            LinearOneClassSVM(
+                np.asarray(raw["dlf"][variant]["image"]["coef"]), raw["dlf"][variant]["image"]["offset"]
+            ),
+            LinearOneClassSVM(
+                np.asarray(raw["dlf"][variant]["pixel"]["coef"]), raw["dlf"][variant]["pixel"]["offset"]
+            ),
         )
         for variant in COMBINATIONS
     }
@@ -109,7 +115,9 @@ def load_normaliser(raw: dict[str, Any]) -> ScoreNormaliser | None:
     return ScoreNormaliser(**{k: np.asarray(v, dtype=np.float64) for k, v in norm.items()})
 
 
-def load_scorer(info: ModelInfo, uff: Runner | None, banks: dict[str, MemoryBank] | None = None) -> FrameScorer:
+def load_scorer(
+    info: ModelInfo, uff: Runner | None, banks: dict[str, MemoryBank] | None = None
+) -> FrameScorer:
     """The FrameScorer of a model folder. `uff` is None only for a model fitted without UFF."""
     if info.raw.get("uff") is not None and uff is None:
         raise ConfigError(f"model {info.root} was fitted with UFF; a UFF runner is required")

@@ -33,7 +33,9 @@ class WeightPaths:
     point_mae: Path | None = None
 
     def path_for(self, backbone: str) -> Path:
-        explicit = {"dino_vitb8": self.dino, "dinov2_vitb14": self.dinov2, "point_mae": self.point_mae}[backbone]
+        explicit = {"dino_vitb8": self.dino, "dinov2_vitb14": self.dinov2, "point_mae": self.point_mae}[
+            backbone
+        ]
         if explicit is not None:
             return Path(explicit)
         base = self.weights_dir if self.weights_dir is not None else Path("weights")

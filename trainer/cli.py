@@ -12,7 +12,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
-app = typer.Typer(help="M3DM-Fleet: multimodal (RGB + 3D) industrial anomaly detection.", no_args_is_help=True)
+app = typer.Typer(
+    help="M3DM-Fleet: multimodal (RGB + 3D) industrial anomaly detection.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Inspect data sets in the MVTec 3D-AD layout.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Signed model bundles: keys, build, verify, inspect.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -59,7 +61,9 @@ def synth(
     n_test_good: Annotated[int, typer.Option(help="Normal test scans per class.")] = 10,
     n_test_per_defect: Annotated[int, typer.Option(help="Defective test scans per defect type.")] = 5,
     size: Annotated[int, typer.Option(help="Image width and height in pixels (224-800).")] = 400,
-    classes: Annotated[list[str] | None, typer.Option("--class", help="Only these classes (repeatable).")] = None,
+    classes: Annotated[
+        list[str] | None, typer.Option("--class", help="Only these classes (repeatable).")
+    ] = None,
     workers: Annotated[int, typer.Option(help="Processes.")] = 2,
     preview: Annotated[bool, typer.Option(help="Also write preview.png, a contact sheet.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace class folders that already exist.")] = False,
@@ -109,7 +113,9 @@ def data_info(
 def train(
     data: Annotated[Path, typer.Option(help="Data-set root (MVTec 3D-AD layout).")],
     out: Annotated[Path, typer.Option(help="Model output folder (one sub-folder per class).")],
-    class_names: Annotated[list[str] | None, typer.Option("--class", help="Class to fit (repeatable).")] = None,
+    class_names: Annotated[
+        list[str] | None, typer.Option("--class", help="Class to fit (repeatable).")
+    ] = None,
     all_classes: Annotated[bool, typer.Option("--all", help="Fit every class found.")] = False,
     preset: Annotated[str, typer.Option(help="m3dm | m3dm-v2 | m3dm-free | m3dm-random")] = "m3dm-free",
     weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
@@ -133,7 +139,9 @@ def train(
 def evaluate(
     data: Annotated[Path, typer.Option(help="Data-set root (MVTec 3D-AD layout).")],
     model: Annotated[Path | None, typer.Option(help="Model folder from `m3dm train` (torch path).")] = None,
-    bundle: Annotated[Path | None, typer.Option(help="Bundle dir or tar (ONNX Runtime station path).")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle dir or tar (ONNX Runtime station path).")
+    ] = None,
     key: Annotated[Path | None, typer.Option(help="Public key dir to verify --bundle with.")] = None,
     out: Annotated[Path | None, typer.Option(help="Report folder (default: <model>/report).")] = None,
     weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
@@ -161,7 +169,9 @@ def evaluate(
 def export(
     model: Annotated[Path, typer.Option(help="Model folder (or parent of class folders).")],
     weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
-    engine: Annotated[bool, typer.Option(help="Also build TensorRT engines (needs a GPU and TensorRT).")] = False,
+    engine: Annotated[
+        bool, typer.Option(help="Also build TensorRT engines (needs a GPU and TensorRT).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print parity reports as JSON.")] = False,
 ) -> None:
     """Export the networks to ONNX (opset 17, dynamic batch) and check parity against torch."""
@@ -191,7 +201,9 @@ def bundle_build(
     version: Annotated[str, typer.Option(help="Semantic version of this bundle.")] = "1.0.0",
     counter: Annotated[int, typer.Option(help="Anti-rollback counter (monotonic).")] = 1,
     expires_days: Annotated[int, typer.Option(help="Days until the bundle expires.")] = 365,
-    bank_encoding: Annotated[str | None, typer.Option(help="fp32 | fp16 | int8 | pq (default: by budget)")] = None,
+    bank_encoding: Annotated[
+        str | None, typer.Option(help="fp32 | fp16 | int8 | pq (default: by budget)")
+    ] = None,
     bank_budget_mb: Annotated[float | None, typer.Option(help="Size budget for all banks together.")] = None,
     data: Annotated[Path | None, typer.Option(help="Data root to draw golden samples from.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON.")] = False,
@@ -199,7 +211,9 @@ def bundle_build(
     """Build and sign a bundle: ONNX graphs, encoded banks, UFF/DLF, thresholds, golden samples."""
     from trainer.pipeline import build_model_bundle
 
-    summary = build_model_bundle(model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data)
+    summary = build_model_bundle(
+        model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data
+    )
     if as_json:
         emit_json(summary)
     else:

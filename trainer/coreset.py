@@ -122,18 +122,25 @@ def _stack_rows(feats: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return rows
 
 
-def feature_stats(feats_mc: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-channel mean (C,) float32 and one global scale (std of all centred elements), chunked float64."""
+def feature_stats(feats_mc: np.ndarray, per_dim: bool = False) -> tuple[np.ndarray, float | np.ndarray]:
+    """Per-channel mean (C,) float32 and a scale: the std of all centred elements, or per channel (C,).
+
+    Chunked float64 so a bank of ~1M rows never needs a float64 copy.
+    """
     n_rows = feats_mc.shape[0]
     mean_c = np.zeros(feats_mc.shape[1])
     for i in range(0, n_rows, _STATS_CHUNK_ROWS):
         mean_c += feats_mc[i : i + _STATS_CHUNK_ROWS].sum(axis=0, dtype=np.float64)
     mean_c /= n_rows
-    sq_sum = 0.0
+    sq_sum_c = np.zeros(feats_mc.shape[1])
     for i in range(0, n_rows, _STATS_CHUNK_ROWS):
         centred = feats_mc[i : i + _STATS_CHUNK_ROWS].astype(np.float64) - mean_c
-        sq_sum += float(np.einsum("nc,nc->", centred, centred))
-    scale = np.sqrt(sq_sum / feats_mc.size)
+        sq_sum_c += np.einsum("nc,nc->c", centred, centred)
+    if per_dim:
+        std_c = np.sqrt(sq_sum_c / n_rows)
+        # A constant channel carries no information; leave it unscaled rather than divide by zero.
+        return mean_c.astype(np.float32), np.where(std_c > 0, std_c, 1.0).astype(np.float32)
+    scale = np.sqrt(sq_sum_c.sum() / feats_mc.size)
     # A constant bank has no spread to normalise by; keep distances in raw units then.
     return mean_c.astype(np.float32), float(scale) if scale > 0 else 1.0
 
@@ -145,6 +152,7 @@ def build_memory_bank(
     fraction: float,
     cfg: CoresetConfig,
     device: str = "cpu",
+    per_dim: bool = False,
 ) -> MemoryBank:
     """Normalise a bank with its own statistics (all rows) and keep a greedy coreset of it.
 
@@ -160,9 +168,12 @@ def build_memory_bank(
         The MemoryBank with normalised rows in selection order.
     """
     rows_nc = _stack_rows(feats)
-    mean_c, scale = feature_stats(rows_nc)
+    mean_c, scale = feature_stats(rows_nc, per_dim)
+    scale_f32 = np.asarray(scale, dtype=np.float32)
     target = coreset_size(rows_nc.shape[0], fraction, cfg.max_rows)
-    # Selection is translation- and scale-equivariant, so select on raw rows and normalise only the kept ones.
-    idx = greedy_coreset(rows_nc, target, eps=cfg.projection_eps, seed=cfg.seed, device=device)
-    kept = ((rows_nc[idx] - mean_c) / np.float32(scale)).astype(np.float32)
+    # Selection is translation- and uniform-scale-equivariant, so with a scalar scale select on raw rows and
+    # normalise only the kept ones; a per-channel scale changes the geometry, so select in normalised space.
+    select_on = ((rows_nc - mean_c) / scale_f32).astype(np.float32) if per_dim else rows_nc
+    idx = greedy_coreset(select_on, target, eps=cfg.projection_eps, seed=cfg.seed, device=device)
+    kept = ((rows_nc[idx] - mean_c) / scale_f32).astype(np.float32)
     return MemoryBank(name=name, feats_mc=kept, grid=grid, feat_mean_c=mean_c, feat_scale=scale)

@@ -29,7 +29,9 @@ def run_demo(out: Path, seed: int = 0, size: int = 400) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     if not (data / "synth_summary.json").is_file():
-        summary = synthesize(data, SynthConfig(seed=seed, classes=tuple(CLASS_NAMES), width_px=size, height_px=size))
+        summary = synthesize(
+            data, SynthConfig(seed=seed, classes=tuple(CLASS_NAMES), width_px=size, height_px=size)
+        )
         (data / "synth_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         write_preview(data, out / "preview.png")
     timings["synth_s"] = time.perf_counter() - t0
@@ -47,7 +49,7 @@ def run_demo(out: Path, seed: int = 0, size: int = 400) -> dict[str, Any]:
     export_models(models, None, engine=False)
     from trainer.bundle import keygen
 
-    if not (keys / "private.pem").is_file():
+    if not (keys / "bundle_signing.key").is_file():
         keygen(keys)
     built = {}
     for class_dir in sorted(p.parent for p in models.glob("*/model.json")):
@@ -73,6 +75,7 @@ def run_demo(out: Path, seed: int = 0, size: int = 400) -> dict[str, Any]:
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(
-        f"[bold green]demo done[/] in {sum(timings.values()):.0f} s: report {models / 'report'}, bundles {bundles}"
+        f"[bold green]demo done[/] in {sum(timings.values()):.0f} s: "
+        f"report {models / 'report'}, bundles {bundles}"
     )
     return summary

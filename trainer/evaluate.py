@@ -90,8 +90,14 @@ def write_class_report(out_dir: Path, class_name: str, scored: ScoredSplit, info
 def _overlay_sample(labels: np.ndarray, max_images: int) -> list[int]:
     """A few defective and a few good images, spread over the split."""
     bad, good = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    pick_bad = bad[np.linspace(0, len(bad) - 1, min(len(bad), max_images - max_images // 4)).astype(int)] if len(bad) else []
-    pick_good = good[np.linspace(0, len(good) - 1, min(len(good), max_images // 4)).astype(int)] if len(good) else []
+    pick_bad = (
+        bad[np.linspace(0, len(bad) - 1, min(len(bad), max_images - max_images // 4)).astype(int)]
+        if len(bad)
+        else []
+    )
+    pick_good = (
+        good[np.linspace(0, len(good) - 1, min(len(good), max_images // 4)).astype(int)] if len(good) else []
+    )
     return sorted({int(i) for i in [*pick_bad, *pick_good]})
 
 
@@ -110,7 +116,9 @@ def class_dirs(model: Path) -> list[Path]:
 def evaluate_class(
     data_root: Path, info: ModelInfo, runners: FeatureRunners, scorer: FrameScorer, report_dir: Path | None
 ) -> tuple[dict[str, VariantMetrics], ScoredSplit]:
-    split = extract_split(data_root, info.class_name, "test", info.preset, info.preprocess, runners, keep_images=True)
+    split = extract_split(
+        data_root, info.class_name, "test", info.preset, info.preprocess, runners, keep_images=True
+    )
     scored = score_split(split, scorer)
     metrics = metrics_of(scored)
     if report_dir is not None:
@@ -118,7 +126,9 @@ def evaluate_class(
     return metrics, scored
 
 
-def summarise(results: dict[str, dict[str, VariantMetrics]], out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+def summarise(
+    results: dict[str, dict[str, VariantMetrics]], out: Path, extra: dict[str, Any]
+) -> dict[str, Any]:
     from trainer.report import write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +182,12 @@ def evaluate_bundle(data_root: Path, bundle: Path, key: Path | None, out: Path |
     extra = {
         "path": f"bundle ({station.backend})",
         "bundle": station.summary,
-        "classes_meta": {station.info.class_name: {"test_count": len(scored.split.refs), "score_ms_per_frame": scored.score_ms}},
+        "classes_meta": {
+            station.info.class_name: {
+                "test_count": len(scored.split.refs),
+                "score_ms_per_frame": scored.score_ms,
+            }
+        },
     }
     return summarise({station.info.class_name: metrics}, report_dir, extra)
 

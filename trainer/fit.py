@@ -34,7 +34,9 @@ log = logging.getLogger("m3dm.trainer")
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -43,6 +45,13 @@ def git_commit() -> str:
 def stack_features(features: list[PatchFeatures]) -> tuple[np.ndarray, np.ndarray]:
     """(N, 56, 56, Cp) point and (N, 28, 28, Cr) rgb stacks."""
     return np.stack([f.point_hwc for f in features]), np.stack([f.rgb_hwc for f in features])
+
+
+def bank_from_grids(name: str, feats_nhwc: np.ndarray, fraction: float, cfg: FitConfig) -> Any:
+    """A coreset bank from (N, g, g, C) training grids, normalised as the preset says."""
+    rows_nc = feats_nhwc.reshape(-1, feats_nhwc.shape[-1])
+    per_dim = cfg.preset.bank_norm == "per_dim"
+    return build_memory_bank(name, rows_nc, feats_nhwc.shape[1], fraction, cfg.coreset, per_dim=per_dim)
 
 
 def uff_runner(block: Any) -> TorchRunner:
@@ -80,12 +89,9 @@ def fit_class(
 
     t0 = time.perf_counter()
     point_nhwc, rgb_nhwc = stack_features(train.features)
-    co = cfg.coreset
     banks = {
-        "rgb": build_memory_bank("rgb", rgb_nhwc.reshape(-1, rgb_nhwc.shape[-1]), rgb_nhwc.shape[1], co.rgb_fraction, co),
-        "point": build_memory_bank(
-            "point", point_nhwc.reshape(-1, point_nhwc.shape[-1]), point_nhwc.shape[1], co.point_fraction, co
-        ),
+        "rgb": bank_from_grids("rgb", rgb_nhwc, cfg.coreset.rgb_fraction, cfg),
+        "point": bank_from_grids("point", point_nhwc, cfg.coreset.point_fraction, cfg),
     }
     timings["banks_s"] = time.perf_counter() - t0
 
@@ -96,9 +102,9 @@ def fit_class(
 
     t0 = time.perf_counter()
     fusion_scorer = provisional_scorer({**banks, "fusion": banks["point"]}, uff, cfg)
-    fused = np.concatenate([fusion_scorer.fused_features(f).reshape(-1, cfg.preset.fusion_dim) for f in train.features])
-    banks["fusion"] = build_memory_bank("fusion", fused, point_nhwc.shape[1], co.fusion_fraction, co)
-    del fused
+    fused_nhwc = np.stack([fusion_scorer.fused_features(f) for f in train.features])
+    banks["fusion"] = bank_from_grids("fusion", fused_nhwc, cfg.coreset.fusion_fraction, cfg)
+    del fused_nhwc
     timings["fusion_bank_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -108,7 +114,9 @@ def fit_class(
     scorer = FrameScorer(banks=banks, dlf=dlf, normaliser=normaliser, uff=uff, score_cfg=cfg.score)
     held_variant_scores = [scorer.combine(i, m).image for i, m in zip(held_image, held_maps, strict=True)]
     thresholds = {
-        v: threshold_at_false_reject_rate(np.array([s[v] for s in held_variant_scores]), cfg.false_reject_rate)
+        v: threshold_at_false_reject_rate(
+            np.array([s[v] for s in held_variant_scores]), cfg.false_reject_rate
+        )
         for v in held_variant_scores[0]
     }
     timings["dlf_s"] = time.perf_counter() - t0
@@ -120,9 +128,18 @@ def fit_class(
         "preset": asdict(cfg.preset),
         "preprocess": asdict(cfg.preprocess),
         "score": asdict(cfg.score),
-        "fit": {"coreset": asdict(cfg.coreset), "uff": asdict(cfg.uff), "dlf": asdict(cfg.dlf), "seed": cfg.seed},
+        "fit": {
+            "coreset": asdict(cfg.coreset),
+            "uff": asdict(cfg.uff),
+            "dlf": asdict(cfg.dlf),
+            "seed": cfg.seed,
+        },
         "banks": {name: bank_to_files(banks[name], out_dir) for name in BANKS},
-        "uff": {"file": "uff.safetensors", "dims_file": "uff.json", "final_loss": float(np.nanmean(history[-3:]))},
+        "uff": {
+            "file": "uff.safetensors",
+            "dims_file": "uff.json",
+            "final_loss": float(np.nanmean(history[-3:])),
+        },
         "normaliser": normaliser_to_dict(normaliser),
         "dlf": {v: {"image": svm_to_dict(i), "pixel": svm_to_dict(p)} for v, (i, p) in dlf.items()},
         "thresholds": thresholds,

@@ -19,10 +19,15 @@ def bank_to_files(bank: MemoryBank, model_dir: Path) -> dict[str, Any]:
     feats_rel, mean_rel = f"banks/{bank.name}.npy", f"banks/{bank.name}_mean.npy"
     np.save(model_dir / feats_rel, bank.feats_mc, allow_pickle=False)
     np.save(model_dir / mean_rel, bank.feat_mean_c, allow_pickle=False)
+    scale = np.asarray(bank.feat_scale, dtype=np.float32)
+    scale_entry: dict[str, Any] = {"feat_scale": float(scale) if scale.ndim == 0 else None}
+    if scale.ndim:
+        scale_entry = {"feat_scale": None, "scale_file": f"banks/{bank.name}_scale.npy"}
+        np.save(model_dir / scale_entry["scale_file"], scale, allow_pickle=False)
     return {
         "file": feats_rel,
         "mean_file": mean_rel,
-        "feat_scale": bank.feat_scale,
+        **scale_entry,
         "grid": bank.grid,
         "rows": int(bank.feats_mc.shape[0]),
         "dim": bank.dim,

@@ -48,14 +48,19 @@ def train_classes(
     preset = get_preset(preset_name)
     if preset.random_weights and not allow_random_weights:
         raise ConfigError(
-            f"preset {preset.name} has RANDOM weights (speed tests only); pass --allow-random-weights to use it"
+            f"preset {preset.name} has RANDOM weights (speed tests only); "
+            "pass --allow-random-weights to use it"
         )
     weights = WeightPaths(weights_dir=weights_dir)
     check_weights_available(preset, weights)
     classes = resolve_classes(data_root, class_names, all_classes)
     uff = UFFConfig(seed=seed) if uff_epochs is None else UFFConfig(seed=seed, epochs=uff_epochs)
     cfg = FitConfig(preset=preset, uff=uff, seed=seed)
-    cfg = replace(cfg, coreset=replace(cfg.coreset, seed=seed), preprocess=replace(cfg.preprocess, rgb_input_size=preset.rgb_input_size))
+    cfg = replace(
+        cfg,
+        coreset=replace(cfg.coreset, seed=seed),
+        preprocess=replace(cfg.preprocess, rgb_input_size=preset.rgb_input_size),
+    )
     runners = build_feature_runners(preset, weights)
     summaries = []
     t0 = time.perf_counter()
@@ -114,15 +119,27 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
         jobs.append(("point", point_module_for_export(preset, weights), point_inputs, ["group_features"]))
     networks, parity = {}, {}
     for name, module, inputs, outputs in jobs:
-        path = export_onnx(module, {k: torch.from_numpy(v) for k, v in inputs.items()}, outputs, onnx_dir / f"{name}.onnx")
+        path = export_onnx(
+            module, {k: torch.from_numpy(v) for k, v in inputs.items()}, outputs, onnx_dir / f"{name}.onnx"
+        )
         report = check_parity(module, path, inputs)
         networks[name] = f"onnx/{name}.onnx"
         parity[name] = {"max_abs_err": report.max_abs_err, "max_rel_err": report.max_rel_err, "ok": report.ok}
-        log.info("%s: exported %s (parity max abs %.2e, rel %.2e)", info.class_name, name, report.max_abs_err, report.max_rel_err)
+        log.info(
+            "%s: exported %s (parity max abs %.2e, rel %.2e)",
+            info.class_name,
+            name,
+            report.max_abs_err,
+            report.max_rel_err,
+        )
     raw = read_model_json(class_dir)
     raw.pop("format", None)
     raw["networks"] = networks
-    raw["export"] = {"opset": 17, "parity": parity, "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    raw["export"] = {
+        "opset": 17,
+        "parity": parity,
+        "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     write_model_json(class_dir, raw)
     engines = _build_engines(class_dir, networks) if engine else {}
     return {"class": info.class_name, "networks": networks, "parity": parity, "engines": engines}
@@ -147,3 +164,25 @@ def export_models(model: Path, weights_dir: Path | None, engine: bool) -> dict[s
     from trainer.evaluate import class_dirs
 
     return {"classes": [export_class(d, weights_dir, engine) for d in class_dirs(model)]}
+
+
+def build_model_bundle(
+    model_dir: Path,
+    key_dir: Path,
+    out: Path,
+    version: str,
+    counter: int,
+    expires_days: int,
+    bank_encoding: str | None,
+    budget_mb: float | None,
+    data_root: Path | None,
+) -> dict[str, Any]:
+    from trainer.bundle_build import build_model_bundle as build
+
+    return build(model_dir, key_dir, out, version, counter, expires_days, bank_encoding, budget_mb, data_root)
+
+
+def verify_model_bundle(bundle: Path, key: Path, min_counter: int | None) -> dict[str, Any]:
+    from trainer.bundle_build import verify_and_replay
+
+    return verify_and_replay(bundle, key, min_counter)
