@@ -169,6 +169,11 @@ def evaluate_models(
             from trainer.encoding_eval import compare_encodings
 
             extra.setdefault("encodings", {})[info.class_name] = compare_encodings(info, scorer, scored)
+    if encodings:
+        from trainer.encoding_eval import encodings_markdown
+
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "encodings.md").write_text(encodings_markdown(extra["encodings"]))
     return summarise(results, report_dir, extra)
 
 

@@ -1,0 +1,76 @@
+"""The `m3dm` command line: help everywhere, exit codes, one-line reasons, --json on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trainer.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["synth"],
+        ["data", "info"],
+        ["train"],
+        ["eval"],
+        ["export"],
+        ["bundle", "build"],
+        ["bundle", "verify"],
+        ["edge"],
+        ["collector"],
+        ["deploy"],
+        ["demo"],
+    ],
+)
+def test_every_command_has_help(args: list[str]) -> None:
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_data_info_json(tiny_dataset: Path) -> None:
+    result = runner.invoke(app, ["data", "info", str(tiny_dataset), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    (cls,) = summary
+    assert summary[cls]["train"]["good"] == 6 and summary[cls]["validation"]["good"] == 4
+
+
+def test_train_with_missing_weights_fails_with_one_line(tiny_dataset: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_dataset),
+            "--all",
+            "--preset",
+            "m3dm",
+            "--weights-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "dino_vitbase8_pretrain.pth" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_class_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["train", "--data", str(tiny_dataset), "--class", "nope", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1 and "unknown class" in result.output
+
+
+def test_roles_not_yet_built_say_so(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["edge"])
+    assert result.exit_code == 2 and "not part of this release" in result.output

@@ -1,0 +1,82 @@
+"""End to end on generated scans: train the weight-free preset, evaluate, and check what a user relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.model import VARIANTS
+
+
+def test_train_writes_a_complete_model_folder(tiny_model: Path) -> None:
+    raw = json.loads((tiny_model / "model.json").read_text())
+    assert raw["format"] == "m3dm-model/1"
+    assert set(raw["banks"]) == {"rgb", "point", "fusion"}
+    for spec in raw["banks"].values():
+        bank = np.load(tiny_model / spec["file"], allow_pickle=False)
+        assert bank.shape == (spec["rows"], spec["dim"]) and bank.dtype == np.float32
+    assert set(raw["dlf"]) == {"rgb+point", "rgb+point+fusion"}
+    assert set(raw["thresholds"]) == set(VARIANTS)
+    assert raw["provenance"]["train_count"] == 6 and raw["provenance"]["validation_count"] == 4
+    assert (tiny_model / "uff.safetensors").is_file()
+    assert not list(tiny_model.rglob("*.pkl")) and not list(tiny_model.rglob("*.pt"))
+
+
+def test_each_bank_is_sized_from_its_own_rows(tiny_model: Path) -> None:
+    raw = json.loads((tiny_model / "model.json").read_text())
+    train = raw["provenance"]["train_count"]
+    fraction = raw["fit"]["coreset"]["rgb_fraction"]
+    assert raw["banks"]["rgb"]["rows"] == int(train * 28 * 28 * fraction)
+    assert raw["banks"]["point"]["rows"] == int(train * 56 * 56 * fraction)
+    assert raw["banks"]["fusion"]["rows"] == int(train * 56 * 56 * fraction)
+
+
+def test_eval_reports_five_variants_with_sane_metrics(
+    tiny_dataset: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    from trainer.evaluate import evaluate_models
+
+    results = evaluate_models(tiny_dataset, tiny_model, tmp_path / "report", None)
+    cls = tiny_model.name
+    assert set(results["classes"][cls]) == set(VARIANTS)
+    for metrics in results["classes"][cls].values():
+        for key in ("i_auroc", "p_auroc", "aupro", "aupro_1pct"):
+            assert 0.0 <= metrics[key] <= 1.0
+    # Even with 6 training scans the detector must be far better than chance at pixel level.
+    assert results["classes"][cls]["rgb+point+fusion"]["p_auroc"] > 0.85
+    assert (tmp_path / "report" / "results.md").read_text().count("rgb+point+fusion") == 4
+    assert (tmp_path / "report" / cls / "roc.png").stat().st_size > 10_000
+    assert list((tmp_path / "report" / cls / "overlays").glob("*.png"))
+
+
+def test_training_is_reproducible(tiny_dataset: Path, tiny_model: Path, tmp_path: Path) -> None:
+    from trainer.pipeline import train_classes
+
+    cls = tiny_model.name
+    train_classes(tiny_dataset, tmp_path, [cls], False, "m3dm-free", None, False, 0, uff_epochs=1)
+    for name in ("rgb", "point", "fusion"):
+        a = np.load(tiny_model / "banks" / f"{name}.npy")
+        b = np.load(tmp_path / cls / "banks" / f"{name}.npy")
+        assert np.array_equal(a, b), name
+    first = json.loads((tiny_model / "model.json").read_text())
+    second = json.loads((tmp_path / cls / "model.json").read_text())
+    assert first["dlf"] == second["dlf"] and first["thresholds"] == second["thresholds"]
+
+
+def test_random_preset_is_refused_without_the_flag(tiny_dataset: Path, tmp_path: Path) -> None:
+    from core.errors import ConfigError
+    from trainer.pipeline import train_classes
+
+    with pytest.raises(ConfigError, match="allow-random-weights"):
+        train_classes(tiny_dataset, tmp_path, [], True, "m3dm-random", None, False, 0)
+
+
+def test_official_preset_without_weights_names_the_missing_file(tiny_dataset: Path, tmp_path: Path) -> None:
+    from core.errors import MissingWeightsError
+    from trainer.pipeline import train_classes
+
+    with pytest.raises(MissingWeightsError, match="dino_vitbase8_pretrain.pth"):
+        train_classes(tiny_dataset, tmp_path, [], True, "m3dm", tmp_path / "no-weights", False, 0)
