@@ -121,6 +121,7 @@ class UFFConfig:
     weight_decay: float = 0.01
     epochs: int = 3
     warmup_epochs: int = 1
+    min_steps: int = 60  # per-class data sets are small; see trainer/train_uff.py
     batch_images: int = 16
     max_patches_per_step: int = 4096
     seed: int = 0

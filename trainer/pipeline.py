@@ -54,7 +54,7 @@ def train_classes(
     weights = WeightPaths(weights_dir=weights_dir)
     check_weights_available(preset, weights)
     classes = resolve_classes(data_root, class_names, all_classes)
-    uff = UFFConfig(seed=seed) if uff_epochs is None else UFFConfig(seed=seed, epochs=uff_epochs)
+    uff = UFFConfig(seed=seed) if uff_epochs is None else UFFConfig(seed=seed, epochs=uff_epochs, min_steps=0)
     cfg = FitConfig(preset=preset, uff=uff, seed=seed)
     cfg = replace(
         cfg,

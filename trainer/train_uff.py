@@ -130,12 +130,16 @@ def train_uff(
         block.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
     steps_per_epoch = math.ceil(n_images / cfg.batch_images)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = steps_per_epoch * cfg.warmup_epochs
+    # One class has only tens of scans, so a fixed epoch count gives a handful of optimiser steps (the
+    # original trained ~30 steps over all ten classes at once); train at least `min_steps`, keeping the
+    # warm-up share of the schedule.
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    total_steps = steps_per_epoch * epochs
+    warmup_steps = round(total_steps * cfg.warmup_epochs / cfg.epochs)
     history: list[float] = []
     block.train()
     with tqdm(total=total_steps, desc="UFF", disable=not progress) as bar:
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             started_s = time.perf_counter()
             for batch_ids in np.array_split(rng.permutation(n_images), steps_per_epoch):
                 point_rows, rgb_rows = _step_rows(
@@ -148,7 +152,7 @@ def train_uff(
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
             step_ms = 1000 * (time.perf_counter() - started_s) / steps_per_epoch
             epoch_loss = float(np.mean(history[-steps_per_epoch:]))
-            log.info("UFF epoch %d/%d: loss %.4f, %.0f ms/step", epoch + 1, cfg.epochs, epoch_loss, step_ms)
+            log.info("UFF epoch %d/%d: loss %.4f, %.0f ms/step", epoch + 1, epochs, epoch_loss, step_ms)
     return block.eval(), history
 
 

@@ -128,7 +128,9 @@ def _correlated_features(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return point, rgb
 
 
-CFG = UFFConfig(epochs=4, warmup_epochs=1, batch_images=2, max_patches_per_step=256, lr=0.003, head_dim=32)
+CFG = UFFConfig(
+    epochs=4, warmup_epochs=1, batch_images=2, max_patches_per_step=256, lr=0.003, head_dim=32, min_steps=0
+)
 
 
 def test_training_lowers_the_loss_and_is_deterministic() -> None:
@@ -144,6 +146,13 @@ def test_training_lowers_the_loss_and_is_deterministic() -> None:
     assert np.mean(history_a[-2:]) < history_a[0] - 0.5
     _, history_c = train_uff(point, rgb, UFFConfig(**{**CFG.__dict__, "seed": 1}), progress=False)
     assert history_c != history_a
+
+
+def test_small_data_sets_train_at_least_min_steps() -> None:
+    point, rgb = _correlated_features(4, seed=1)
+    cfg = UFFConfig(**{**CFG.__dict__, "epochs": 1, "min_steps": 10})
+    _, history = train_uff(point, rgb, cfg, progress=False)
+    assert len(history) == 10  # 2 steps per epoch -> 5 epochs
 
 
 def test_training_rejects_mismatched_grids() -> None:
