@@ -122,13 +122,35 @@ def train(
     allow_random_weights: Annotated[bool, typer.Option(help="Permit the m3dm-random preset.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for coreset, UFF and DLF.")] = 0,
     uff_epochs: Annotated[int | None, typer.Option(help="Override UFF epochs.")] = None,
+    rgb_fraction: Annotated[float, typer.Option(help="Coreset share of the RGB bank's own rows.")] = 0.1,
+    point_fraction: Annotated[float, typer.Option(help="Coreset share of the point bank's own rows.")] = 0.1,
+    fusion_fraction: Annotated[
+        float, typer.Option(help="Coreset share of the fusion bank's own rows.")
+    ] = 0.1,
+    false_reject_rate: Annotated[
+        float, typer.Option(help="Share of validation normals the decision threshold may reject.")
+    ] = 0.01,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Fit memory banks, UFF and DLF for each class; write a model folder per class."""
+    from core.config import CoresetConfig
     from trainer.pipeline import train_classes
 
+    coreset = CoresetConfig(
+        rgb_fraction=rgb_fraction, point_fraction=point_fraction, fusion_fraction=fusion_fraction, seed=seed
+    )
     summary = train_classes(
-        data, out, class_names or [], all_classes, preset, weights_dir, allow_random_weights, seed, uff_epochs
+        data,
+        out,
+        class_names or [],
+        all_classes,
+        preset,
+        weights_dir,
+        allow_random_weights,
+        seed,
+        uff_epochs,
+        coreset=coreset,
+        false_reject_rate=false_reject_rate,
     )
     if as_json:
         emit_json(summary)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from core.config import FitConfig, UFFConfig, get_preset
+from core.config import CoresetConfig, FitConfig, PreprocessConfig, UFFConfig, get_preset
 from core.errors import ConfigError
 from core.mvtec3d import discover_classes
 
@@ -40,6 +39,8 @@ def train_classes(
     allow_random_weights: bool,
     seed: int,
     uff_epochs: int | None = None,
+    coreset: CoresetConfig | None = None,
+    false_reject_rate: float = 0.01,
 ) -> dict[str, Any]:
     """Fit each class into `out/<class>/`; check weights and options before reading any data."""
     from trainer.backbones import WeightPaths, build_feature_runners, check_weights_available
@@ -55,11 +56,15 @@ def train_classes(
     check_weights_available(preset, weights)
     classes = resolve_classes(data_root, class_names, all_classes)
     uff = UFFConfig(seed=seed) if uff_epochs is None else UFFConfig(seed=seed, epochs=uff_epochs, min_steps=0)
-    cfg = FitConfig(preset=preset, uff=uff, seed=seed)
-    cfg = replace(
-        cfg,
-        coreset=replace(cfg.coreset, seed=seed),
-        preprocess=replace(cfg.preprocess, rgb_input_size=preset.rgb_input_size),
+    if not 0.0 <= false_reject_rate < 1.0:
+        raise ConfigError("--false-reject-rate must lie in [0, 1)")
+    cfg = FitConfig(
+        preset=preset,
+        preprocess=PreprocessConfig(rgb_input_size=preset.rgb_input_size),
+        coreset=coreset if coreset is not None else CoresetConfig(seed=seed),
+        uff=uff,
+        false_reject_rate=false_reject_rate,
+        seed=seed,
     )
     runners = build_feature_runners(preset, weights)
     summaries = []
