@@ -83,7 +83,10 @@ def synth(
         height_px=size,
         workers=workers,
     )
-    summary = synthesize(out, cfg, overwrite=overwrite)
+    from trainer.progress import progress_callback
+
+    with progress_callback("generating scans") as progress:
+        summary = synthesize(out, cfg, progress=progress, overwrite=overwrite)
     if preview:
         summary["preview"] = str(write_preview(out, out / "preview.png"))
     if as_json:

@@ -29,9 +29,11 @@ def run_demo(out: Path, seed: int = 0, size: int = 400) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     if not (data / "synth_summary.json").is_file():
-        summary = synthesize(
-            data, SynthConfig(seed=seed, classes=tuple(CLASS_NAMES), width_px=size, height_px=size)
-        )
+        from trainer.progress import progress_callback
+
+        cfg = SynthConfig(seed=seed, classes=tuple(CLASS_NAMES), width_px=size, height_px=size)
+        with progress_callback("generating scans") as progress:
+            summary = synthesize(data, cfg, progress=progress, overwrite=True)
         (data / "synth_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         write_preview(data, out / "preview.png")
     timings["synth_s"] = time.perf_counter() - t0

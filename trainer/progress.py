@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
@@ -47,3 +48,23 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         transient=False,
     ) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+@contextmanager
+def progress_callback(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callable that drives one bar, for APIs that report counts themselves."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
