@@ -234,7 +234,7 @@ def build_model_bundle(
     }
 
 
-def verify_and_replay(bundle: Path, key_dir: Path, min_counter: int | None) -> dict[str, Any]:
+def verify_model_bundle(bundle: Path, key_dir: Path, min_counter: int | None) -> dict[str, Any]:
     """Signature/hash/expiry/counter checks, then (if they pass) the golden replay on ONNX Runtime."""
     from edge.bundle import verify_report
     from edge.station_model import open_bundle

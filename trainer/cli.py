@@ -234,7 +234,7 @@ def bundle_build(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON.")] = False,
 ) -> None:
     """Build and sign a bundle: ONNX graphs, encoded banks, UFF/DLF, thresholds, golden samples."""
-    from trainer.pipeline import build_model_bundle
+    from trainer.bundle_build import build_model_bundle
 
     summary = build_model_bundle(
         model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data
@@ -254,7 +254,7 @@ def bundle_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print each check as JSON.")] = False,
 ) -> None:
     """Check signature, hashes, expiry and anti-rollback counter; exit 1 naming the failed check."""
-    from trainer.pipeline import verify_model_bundle
+    from trainer.bundle_build import verify_model_bundle
 
     report = verify_model_bundle(bundle, key, min_counter)
     if as_json:

@@ -19,8 +19,9 @@ log = logging.getLogger("m3dm.demo")
 
 
 def run_demo(out: Path, seed: int = 0, size: int = 400) -> dict[str, Any]:
+    from trainer.bundle_build import build_model_bundle, verify_model_bundle
     from trainer.evaluate import evaluate_bundle, evaluate_models
-    from trainer.pipeline import build_model_bundle, export_models, train_classes, verify_model_bundle
+    from trainer.pipeline import export_models, train_classes
     from trainer.synth import CLASS_NAMES, SynthConfig, synthesize, write_preview
 
     console = Console(stderr=True)

@@ -169,25 +169,3 @@ def export_models(model: Path, weights_dir: Path | None, engine: bool) -> dict[s
     from trainer.evaluate import class_dirs
 
     return {"classes": [export_class(d, weights_dir, engine) for d in class_dirs(model)]}
-
-
-def build_model_bundle(
-    model_dir: Path,
-    key_dir: Path,
-    out: Path,
-    version: str,
-    counter: int,
-    expires_days: int,
-    bank_encoding: str | None,
-    budget_mb: float | None,
-    data_root: Path | None,
-) -> dict[str, Any]:
-    from trainer.bundle_build import build_model_bundle as build
-
-    return build(model_dir, key_dir, out, version, counter, expires_days, bank_encoding, budget_mb, data_root)
-
-
-def verify_model_bundle(bundle: Path, key: Path, min_counter: int | None) -> dict[str, Any]:
-    from trainer.bundle_build import verify_and_replay
-
-    return verify_and_replay(bundle, key, min_counter)

@@ -34,26 +34,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar on stderr (hidden when stderr is not a terminal and CI is set)."""
-    disable = not sys.stderr.isatty()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=disable,
-        transient=False,
-    ) as progress:
-        yield from progress.track(items, total=total, description=description)
-
-
-@contextmanager
-def progress_callback(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A `progress(done, total)` callable that drives one bar, for APIs that report counts themselves."""
-    with Progress(
+def _progress() -> Progress:
+    """A bar on stderr, hidden when stderr is not a terminal (CI logs, pipes)."""
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -61,7 +44,19 @@ def progress_callback(description: str) -> Iterator[Callable[[int, int], None]]:
         TimeRemainingColumn(),
         console=console,
         disable=not sys.stderr.isatty(),
-    ) as progress:
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar on stderr."""
+    with _progress() as progress:
+        yield from progress.track(items, total=total, description=description)
+
+
+@contextmanager
+def progress_callback(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A `progress(done, total)` callable that drives one bar, for APIs that report counts themselves."""
+    with _progress() as progress:
         task = progress.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:

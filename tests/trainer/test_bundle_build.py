@@ -13,7 +13,8 @@ from core.model import VARIANTS
 @pytest.fixture(scope="module")
 def built_bundle(tiny_dataset: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from trainer.bundle import keygen
-    from trainer.pipeline import build_model_bundle, export_models
+    from trainer.bundle_build import build_model_bundle
+    from trainer.pipeline import export_models
 
     export_models(tiny_model, None, engine=False)
     root = tmp_path_factory.mktemp("bundle")
@@ -32,7 +33,7 @@ def test_export_records_onnx_parity(tiny_model: Path, built_bundle: dict) -> Non
 
 
 def test_fresh_bundle_verifies_and_replays_golden(built_bundle: dict) -> None:
-    from trainer.pipeline import verify_model_bundle
+    from trainer.bundle_build import verify_model_bundle
 
     for target in (built_bundle["path"], built_bundle["tar"]):
         report = verify_model_bundle(Path(target), built_bundle["keys"], min_counter=5)
@@ -55,7 +56,7 @@ def test_manifest_carries_what_a_station_needs(built_bundle: dict) -> None:
 
 
 def test_lower_counter_on_station_is_rejected(built_bundle: dict) -> None:
-    from trainer.pipeline import verify_model_bundle
+    from trainer.bundle_build import verify_model_bundle
 
     report = verify_model_bundle(Path(built_bundle["path"]), built_bundle["keys"], min_counter=6)
     assert not report["ok"] and not report["checks"]["rollback"]["ok"]
@@ -80,7 +81,7 @@ def test_bundle_scores_match_the_trainer(
 def test_flipped_byte_in_a_real_bundle_is_rejected(built_bundle: dict, tmp_path: Path) -> None:
     import shutil
 
-    from trainer.pipeline import verify_model_bundle
+    from trainer.bundle_build import verify_model_bundle
 
     copy = tmp_path / "copy"
     shutil.copytree(built_bundle["path"], copy)
