@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def run_demo(out: Path, seed: int = 0, size: int = 400) -> dict[str, Any]:
         keygen(keys)
     built = {}
     for class_dir in sorted(p.parent for p in models.glob("*/model.json")):
+        # The demo owns its folder: a re-run replaces its earlier bundles (the CLI never overwrites one).
+        shutil.rmtree(bundles / class_dir.name, ignore_errors=True)
+        (bundles / f"{class_dir.name}.tar").unlink(missing_ok=True)
         built[class_dir.name] = build_model_bundle(
             class_dir, keys, bundles / class_dir.name, "1.0.0", 1, 365, None, None, data
         )

@@ -133,6 +133,10 @@ def summarise(
 
     out.mkdir(parents=True, exist_ok=True)
     markdown = results_to_markdown(results)
+    random = sorted(c for c, m in extra.get("classes_meta", {}).items() if m.get("random_weights"))
+    if random:
+        # Random backbones exist for speed tests only; no table from them may pass as a quality result.
+        markdown = f"> **RANDOM WEIGHTS** ({', '.join(random)}): these numbers measure nothing.\n\n{markdown}"
     (out / "results.md").write_text(markdown)
     write_json(out / "results.json", results, extra)
     payload = results_to_json(results)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -96,7 +97,7 @@ def fit_class(
     timings["banks_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    block, history = train_uff(point_nhwc, rgb_nhwc, cfg.uff, progress=True)
+    block, history = train_uff(point_nhwc, rgb_nhwc, cfg.uff, progress=sys.stderr.isatty())
     uff = uff_runner(block)
     timings["uff_s"] = time.perf_counter() - t0
 
