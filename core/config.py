@@ -145,7 +145,6 @@ class DLFConfig:
     max_iter: int = 1000
     seed: int = 42
     pixel_samples_per_image: int = 4096
-    fit_split: str = "validation"  # "validation" or "train-kfold"
 
 
 @dataclass(frozen=True)
