@@ -74,3 +74,55 @@ def test_unknown_class_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> N
 def test_roles_not_yet_built_say_so(tmp_path: Path) -> None:
     result = runner.invoke(app, ["edge"])
     assert result.exit_code == 2 and "not part of this release" in result.output
+
+
+def test_eval_json_has_mean_and_per_class_variants(
+    tiny_dataset: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    result = runner.invoke(
+        app,
+        ["eval", "--data", str(tiny_dataset), "--model", str(tiny_model), "--out", str(tmp_path), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    for section in (payload["mean"], payload["classes"][tiny_model.name]):
+        assert set(section) == {"rgb", "point", "fusion", "rgb+point", "rgb+point+fusion"}
+        assert {"i_auroc", "p_auroc", "aupro"} <= set(section["rgb+point+fusion"])
+
+
+def test_synth_preview_writes_a_contact_sheet(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--size",
+            "96",
+            "--n-train",
+            "1",
+            "--n-validation",
+            "1",
+            "--n-test-good",
+            "1",
+            "--n-test-per-defect",
+            "1",
+            "--class",
+            "ring",
+            "--workers",
+            "1",
+            "--preview",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert Path(summary["preview"]).stat().st_size > 5_000
+    assert sorted(p.name for p in (out / "ring" / "test").iterdir()) == [
+        "crack",
+        "cut",
+        "dent",
+        "good",
+        "stain",
+    ]
