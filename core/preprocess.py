@@ -7,13 +7,17 @@ The original ran the first half offline and in place; here it runs per frame and
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from PIL import Image
 
 from core.config import PreprocessConfig
 from core.errors import EmptyCloudError, InvalidCloudError, ShapeError
-from core.plane import fit_border_plane, keep_largest_cluster, remove_plane, valid_mask
+from core.plane import border_points, fit_border_plane, keep_largest_cluster, remove_plane, valid_mask
 from core.scan import PreparedScan, RawScan
+
+log = logging.getLogger("m3dm.preprocess")
 
 __all__ = [
     "normalise_rgb",
@@ -137,8 +141,14 @@ def prepare_scan(raw: RawScan, cfg: PreprocessConfig) -> PreparedScan:
     """
     rgb, xyz, gt = _validated(raw)
     if xyz is not None:
-        plane = fit_border_plane(xyz, cfg, raw.source)
-        xyz, rgb = remove_plane(xyz, rgb, plane, cfg)
+        if border_points(xyz, cfg.border_px).shape[0] < cfg.ransac_n:
+            # Data preprocessed offline by the official script has all-zero backgrounds, borders included:
+            # the plane is already gone and cannot be fitted (the original crashes here). Use the scan as is.
+            log.debug(
+                "%s: no support plane on the borders; treating the scan as already plane-removed", raw.source
+            )
+        else:
+            xyz, rgb = remove_plane(xyz, rgb, fit_border_plane(xyz, cfg, raw.source), cfg)
         _require_points(xyz, "after plane removal", raw.source)
         xyz = pad_to_square(xyz, cfg.pad_multiple)
     rgb = pad_to_square(rgb, cfg.pad_multiple)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from core.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from core.errors import EmptyCloudError, InvalidCloudError, ShapeError
+from core.plane import fit_border_plane
 from core.preprocess import (
     normalise_rgb,
     pad_to_square,
@@ -144,6 +145,22 @@ def test_prepare_scan_rgb_only_marks_every_pixel_valid():
     out = prepare_scan(RawScan(raw.rgb_hwc_u8, None, raw.gt_ids_hw, "rgb-only"), PreprocessConfig())
     assert out.valid_hw.all() and not out.xyz_hwc_m.any()
     assert out.rgb_hwc_u8.any() and out.gt_ids_hw.shape == (224, 224)
+
+
+def test_prepare_scan_accepts_scans_already_plane_removed_offline():
+    """Data preprocessed by the official script has zero backgrounds; it must pass through, not crash."""
+    raw = scene(300, 400)
+    once = prepare_scan(raw, PreprocessConfig())
+    v, u = np.mgrid[0:300, 0:400]
+    box = (np.abs(u - 200) < 400 / 6) & (np.abs(v - 150) < 300 / 6)  # the object of scene()
+    object_only = np.where(box[..., None], raw.xyz_hwc_m, 0).astype(np.float32)
+    offline = RawScan(raw.rgb_hwc_u8, object_only, raw.gt_ids_hw, source="offline")
+    with pytest.raises(EmptyCloudError):
+        fit_border_plane(object_only, PreprocessConfig())  # no border points: the original crashes here
+    again = prepare_scan(offline, PreprocessConfig())
+    # The same object survives: online plane removal only ever removed plane points around it.
+    assert (again.valid_hw & once.valid_hw).sum() / once.valid_hw.sum() > 0.98
+    assert again.valid_hw.sum() <= 1.02 * once.valid_hw.sum()
 
 
 def test_prepare_scan_only_a_plane_is_empty():
