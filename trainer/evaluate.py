@@ -195,6 +195,8 @@ def evaluate_bundle(data_root: Path, bundle: Path, key: Path | None, out: Path |
             station.info.class_name: {
                 "test_count": len(scored.split.refs),
                 "score_ms_per_frame": scored.score_ms,
+                "preset": station.info.preset.name,
+                "random_weights": station.manifest.random_weights,
             }
         },
     }
