@@ -125,11 +125,22 @@ def scorer_parts(manifest: BundleManifest) -> tuple[dict, ScoreNormaliser | None
     return dlf, normaliser
 
 
-def station_model_from_manifest(root: Path, manifest: BundleManifest, backend: str = "auto") -> StationModel:
-    """Runners and scorer for a bundle directory whose manifest is verified (or being built)."""
+DEFAULT_ENGINE_CACHE = Path.home() / ".cache" / "m3dm" / "engines"
+
+
+def station_model_from_manifest(
+    root: Path, manifest: BundleManifest, backend: str = "auto", engine_cache_dir: Path | None = None
+) -> StationModel:
+    """Runners and scorer for a bundle directory whose manifest is verified (or being built).
+
+    TensorRT engines are cached OUTSIDE the bundle (default ~/.cache/m3dm/engines, keyed by ONNX hash, TensorRT
+    version, GPU and precision): a file written into the bundle would fail its next verification.
+    """
     info = info_from_manifest(root, manifest)
+    cache = engine_cache_dir if engine_cache_dir is not None else DEFAULT_ENGINE_CACHE
     runner_of = {
-        name: make_runner(root / ref.path, backend=backend) for name, ref in manifest.networks.items()
+        name: make_runner(root / ref.path, backend=backend, engine_cache_dir=cache)
+        for name, ref in manifest.networks.items()
     }
     runners = FeatureRunners(rgb=runner_of.get("rgb"), point=runner_of.get("point"))
     dlf, normaliser = scorer_parts(manifest)
@@ -161,7 +172,11 @@ def station_model_from_manifest(root: Path, manifest: BundleManifest, backend: s
 
 
 def open_bundle(
-    bundle: Path, key: Path | None, backend: str = "auto", min_counter: int | None = None
+    bundle: Path,
+    key: Path | None,
+    backend: str = "auto",
+    min_counter: int | None = None,
+    engine_cache_dir: Path | None = None,
 ) -> StationModel:
     """Extract (if a tar), verify (if a key is given), load. Without a key the bundle is loaded UNVERIFIED."""
     bundle = Path(bundle)
@@ -174,7 +189,7 @@ def open_bundle(
     else:
         log.warning("bundle %s loaded WITHOUT signature verification (no --key given)", bundle)
         manifest = manifest_from_json((root / MANIFEST_NAME).read_bytes())
-    return station_model_from_manifest(root, manifest, backend)
+    return station_model_from_manifest(root, manifest, backend, engine_cache_dir)
 
 
 @dataclass(frozen=True)
