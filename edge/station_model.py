@@ -133,8 +133,8 @@ def station_model_from_manifest(
 ) -> StationModel:
     """Runners and scorer for a bundle directory whose manifest is verified (or being built).
 
-    TensorRT engines are cached OUTSIDE the bundle (default ~/.cache/m3dm/engines, keyed by ONNX hash, TensorRT
-    version, GPU and precision): a file written into the bundle would fail its next verification.
+    TensorRT engines are cached OUTSIDE the bundle (default ~/.cache/m3dm/engines, keyed by ONNX hash,
+    TensorRT version, GPU and precision): a file written into the bundle would fail its next verification.
     """
     info = info_from_manifest(root, manifest)
     cache = engine_cache_dir if engine_cache_dir is not None else DEFAULT_ENGINE_CACHE
