@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import CoresetConfig, FitConfig, PreprocessConfig, UFFConfig, get_preset
-from core.errors import ConfigError
+from core.errors import ConfigError, M3DMError
 from core.mvtec3d import discover_classes
 
 log = logging.getLogger("m3dm.trainer")
@@ -94,6 +94,36 @@ def _uff_real_inputs(class_dir: Path, info: Any) -> dict[str, Any]:
     return {"point_feats": raw_rows("point")[None], "rgb_feats": raw_rows("rgb")[None]}
 
 
+def _real_network_inputs(info: Any) -> dict[str, Any]:
+    """Backbone inputs from a real training scan (when the data set is still where training read it), so the
+    parity check covers real value ranges as well as the random inputs `check_parity` adds itself."""
+    import numpy as np
+
+    from core.grouping import group_points
+    from core.mvtec3d import list_samples, load_scan
+    from core.preprocess import prepare_scan
+
+    preset = info.preset
+    data_root = Path(info.raw.get("provenance", {}).get("data_root", ""))
+    try:
+        scan = prepare_scan(load_scan(list_samples(data_root, info.class_name, "train")[0]), info.preprocess)
+        points = scan.xyz_hwc_m.reshape(-1, 3)[scan.valid_hw.reshape(-1)]
+        neighborhood, centers = group_points(points, preset.num_groups, preset.group_size)
+        log.info("parity inputs: real scan %s", scan.source)
+        return {"image": scan.rgb_chw[None], "neighborhood": neighborhood[None], "centers": centers[None]}
+    except (OSError, IndexError, M3DMError) as err:
+        log.warning(
+            "parity on synthetic inputs only: no training scan readable under %s (%s)", data_root, err
+        )
+    rng = np.random.default_rng(1)
+    size = preset.rgb_input_size
+    return {
+        "image": rng.standard_normal((1, 3, size, size)).astype(np.float32),
+        "centers": (rng.uniform(-0.05, 0.05, (1, preset.num_groups, 3)) + [0, 0, 0.4]).astype(np.float32),
+        "neighborhood": rng.normal(0, 0.002, (1, preset.num_groups, preset.group_size, 3)).astype(np.float32),
+    }
+
+
 def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dict[str, Any]:
     """Export this class's networks to `class_dir/onnx/` and check each against torch."""
     import numpy as np
@@ -112,15 +142,11 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
     jobs: list[tuple[str, Any, dict[str, np.ndarray], list[str]]] = []
     uff_inputs = _uff_real_inputs(class_dir, info)
     jobs.append(("uff", UFFExport(load_uff(class_dir / "uff.safetensors")), uff_inputs, ["fused"]))
+    real = _real_network_inputs(info)
     if preset.rgb_backbone != "free":
-        size = preset.rgb_input_size
-        image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
-        jobs.append(("rgb", rgb_module_for_export(preset, weights), {"image": image}, ["tokens"]))
+        jobs.append(("rgb", rgb_module_for_export(preset, weights), {"image": real["image"]}, ["tokens"]))
     if preset.point_backbone != "free":
-        rng = np.random.default_rng(1)
-        centers = rng.uniform(-0.05, 0.05, (1, preset.num_groups, 3)).astype(np.float32)
-        neighborhood = rng.normal(0, 0.002, (1, preset.num_groups, preset.group_size, 3)).astype(np.float32)
-        point_inputs = {"neighborhood": neighborhood, "centers": centers}
+        point_inputs = {"neighborhood": real["neighborhood"], "centers": real["centers"]}
         jobs.append(("point", point_module_for_export(preset, weights), point_inputs, ["group_features"]))
     networks, parity = {}, {}
     for name, module, inputs, outputs in jobs:
