@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from manifest_factory import draft_manifest
 
 from edge.bundle import (
     golden_map_sha256,
@@ -30,16 +31,9 @@ from protocol.errors import (
     SignatureError,
 )
 from protocol.manifest import (
-    SCHEMA_VERSION,
     ArtifactRef,
     BankSpec,
-    BundleManifest,
-    FeatureSpec,
     GoldenSample,
-    InputSpec,
-    Provenance,
-    ScoringSpec,
-    Thresholds,
 )
 from trainer.bank_encode import encode_bank, save_encoded_bank
 from trainer.bundle import BundleContents, build_bundle, keygen, tar_path_for
@@ -55,29 +49,15 @@ def make_contents(tmp: Path) -> BundleContents:
     save_encoded_bank(encode_bank(rng.normal(size=(7, 4)).astype(np.float32), "int8"), tmp / "point.npz")
     np.savez(tmp / "golden.npz", rgb=np.zeros((8, 8, 3), np.uint8), xyz=np.zeros((8, 8, 3), np.float32))
     golden_sha = golden_map_sha256(np.zeros((8, 8), np.float32))
-    manifest = BundleManifest(
-        schema_version=SCHEMA_VERSION,
-        bundle_id="0123456789abcdef0123456789abcdef",
+    manifest = draft_manifest(
         version="2.0.0",
-        class_name="bagel",
-        preset="m3dm-free",
-        random_weights=False,
-        created_utc="2026-01-01T00:00:00Z",
-        expires_utc="2027-01-01T00:00:00Z",
         anti_rollback_counter=5,
-        input_spec=InputSpec(
-            224, 224, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 10, 0.004, 50, 100, 0.005, 100, False, 0.006, 30, 0
-        ),
-        feature_spec=FeatureSpec("free", "free", 4, 4, 8, 28, 56, 16, 8),
         networks={"uff": ArtifactRef("onnx/uff.onnx"), "rgb": ArtifactRef("onnx/rgb.onnx")},
         banks={
             "rgb": BankSpec("banks/rgb.npy", "fp32", 6, 4, 28),
             "point": BankSpec("banks/point.npz", "int8", 7, 4, 56),
         },
-        scoring=ScoringSpec(0.1, 4.0, 3, 224),
-        thresholds=Thresholds("rgb", 1.0, 0.05),
         precision="fp16",
-        provenance=Provenance("synthetic", {"seed": 0}, "abc123", "0.1.0", "test"),
         golden=[GoldenSample("golden/0.npz", 0.0, golden_sha, 0.0, 1e-3)],
     )
     files = {

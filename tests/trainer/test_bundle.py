@@ -11,18 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
+from manifest_factory import draft_manifest
 
 from protocol.errors import BundleError, SchemaError
 from protocol.manifest import (
-    SCHEMA_VERSION,
-    ArtifactRef,
-    BankSpec,
-    BundleManifest,
-    FeatureSpec,
-    InputSpec,
-    Provenance,
-    ScoringSpec,
-    Thresholds,
     canonical_json,
     manifest_from_json,
 )
@@ -36,27 +28,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def staging() -> BundleContents:
-    manifest = BundleManifest(
-        schema_version=SCHEMA_VERSION,
-        bundle_id="0123456789abcdef0123456789abcdef",
-        version="0.1.0",
-        class_name="bagel",
-        preset="m3dm-free",
-        random_weights=False,
-        created_utc="2026-01-01T00:00:00Z",
-        expires_utc="2027-01-01T00:00:00Z",
-        anti_rollback_counter=3,
-        input_spec=InputSpec(
-            224, 224, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), 10, 0.004, 50, 100, 0.005, 100, False, 0.006, 30, 0
-        ),
-        feature_spec=FeatureSpec("free", "free", 4, 4, 8, 28, 56, 16, 8),
-        networks={"uff": ArtifactRef("onnx/uff.onnx")},
-        banks={"rgb": BankSpec("banks/rgb.npy", "fp32", 5, 4, 28)},
-        scoring=ScoringSpec(0.1, 4.0, 3, 224),
-        thresholds=Thresholds("rgb", 1.0, 0.05),
-        precision="fp32",
-        provenance=Provenance("synthetic", {"seed": 0}, "abc123", "0.1.0", "test"),
-    )
+    manifest = draft_manifest()
     files = {
         "onnx/uff.onnx": b"\x08\x07onnx-ish bytes",
         "banks/rgb.npy": npy_bytes(np.ones((5, 4), np.float32)),
