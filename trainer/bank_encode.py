@@ -134,7 +134,11 @@ def _shape(bank: np.ndarray | tuple[int, int]) -> tuple[int, int]:
 def choose_encoding_for_budget(
     banks: Mapping[str, np.ndarray | tuple[int, int]], budget_mb: float
 ) -> dict[str, str]:
-    """Least compression that fits: step the currently largest bank along fp32 -> fp16 -> int8 -> pq.
+    """Least compression that fits: step banks along fp32 -> fp16 -> int8 -> pq, the least-compressed first.
+
+    Among the banks at the lowest step the largest moves first. No bank moves to a lossier step while another
+    can still take the current one: measured on our banks, int8 costs ~0 I-AUROC and PQ up to 0.5 AUPRO, so
+    int8 everywhere beats PQ on the biggest bank.
 
     Args:
         banks: name -> (M, C) bank array or its (rows, dim) shape.
@@ -162,5 +166,5 @@ def choose_encoding_for_budget(
             raise ConfigError(
                 f"banks need {total_mb:.3f} MiB even fully compressed; budget is {budget_mb} MiB"
             )
-        level[max(movable, key=size)] += 1
+        level[min(movable, key=lambda name: (level[name], -size(name)))] += 1
     return {name: steps[name][level[name]] for name in sorted(shapes)}

@@ -148,3 +148,11 @@ def test_choose_encoding_for_budget_prefers_least_compression() -> None:
     with pytest.raises(ConfigError, match="budget"):
         choose_encoding_for_budget(banks, 1)
     assert choose_encoding_for_budget({"tiny": (100, 48)}, 0.005) == {"tiny": "int8"}  # too few rows for pq
+
+
+def test_choose_encoding_for_budget_uses_int8_everywhere_before_any_pq() -> None:
+    # The demo's weight-free banks (2.95 MiB fp32): 1 MiB is reachable without PQ, which the old
+    # largest-bank-first rule spent on the fusion bank (costing up to 0.5 AUPRO).
+    banks = {"rgb": (3136, 35), "point": (12544, 9), "fusion": (12544, 44)}
+    assert choose_encoding_for_budget(banks, 1.0) == {"fusion": "int8", "point": "fp16", "rgb": "fp16"}
+    assert "pq" not in choose_encoding_for_budget(banks, 0.75).values()
