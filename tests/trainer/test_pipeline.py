@@ -80,3 +80,20 @@ def test_official_preset_without_weights_names_the_missing_file(tiny_dataset: Pa
 
     with pytest.raises(MissingWeightsError, match="dino_vitbase8_pretrain.pth"):
         train_classes(tiny_dataset, tmp_path, [], True, "m3dm", tmp_path / "no-weights", False, 0)
+
+
+def test_a_corrupt_scan_is_skipped_logged_and_recorded(tiny_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from trainer.pipeline import train_classes
+    from trainer.synth import CLASS_NAMES
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    bad = sorted((data / CLASS_NAMES[0] / "train" / "good" / "xyz").glob("*.tiff"))[0]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated TIFF
+    train_classes(data, tmp_path / "m", [CLASS_NAMES[0]], False, "m3dm-free", None, False, 0, uff_epochs=1)
+    raw = json.loads((tmp_path / "m" / CLASS_NAMES[0] / "model.json").read_text())
+    assert raw["provenance"]["train_count"] == 5
+    ((skipped_source, reason),) = raw["provenance"]["skipped"]
+    assert bad.stem in skipped_source and "tiff" in reason.lower()
