@@ -6,17 +6,16 @@ import dataclasses
 import json
 
 import pytest
+from manifest_factory import draft_manifest
 
 from protocol.errors import SchemaError
 from protocol.manifest import (
-    SCHEMA_VERSION,
     ArtifactRef,
     BankSpec,
     BundleManifest,
     DLFCoefficients,
     FeatureSpec,
     GoldenSample,
-    InputSpec,
     Provenance,
     ScoringSpec,
     Thresholds,
@@ -30,31 +29,8 @@ SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
 
 def sealed_manifest(**overrides: object) -> BundleManifest:
     fields = dict(
-        schema_version=SCHEMA_VERSION,
-        bundle_id="0123456789abcdef0123456789abcdef",
         version="1.2.3",
-        class_name="bagel",
-        preset="m3dm-free",
-        random_weights=False,
-        created_utc="2026-01-01T00:00:00Z",
-        expires_utc="2027-01-01T00:00:00Z",
         anti_rollback_counter=7,
-        input_spec=InputSpec(
-            224,
-            224,
-            (0.485, 0.456, 0.406),
-            (0.229, 0.224, 0.225),
-            10,
-            0.004,
-            50,
-            1000,
-            0.005,
-            100,
-            False,
-            0.006,
-            30,
-            0,
-        ),  # fmt: skip
         feature_spec=FeatureSpec("free", "free", 48, 48, 96, 28, 56, 1024, 128),
         networks={"uff": ArtifactRef("onnx/uff.onnx", SHA_A, 10)},
         banks={"rgb": BankSpec("banks/rgb.npz", "pq", 300, 48, 28, feat_mean=0.1, feat_std=2.0, pq_m=6)},
@@ -67,13 +43,12 @@ def sealed_manifest(**overrides: object) -> BundleManifest:
             {"rgb+point": DLFCoefficients((1.0, 2.0), 0.0, (3.0,), 1.5)},
         ),
         thresholds=Thresholds("rgb+point+fusion", 2.5, 0.01),
-        precision="fp32",
         provenance=Provenance("synthetic", {"lr": 0.003, "layers": [3, 7]}, "deadbeef", "0.1.0", "host"),
         golden=[GoldenSample("golden/0.npz", 1.25, SHA_C, 0.5, 1e-3)],
         files={"onnx/uff.onnx": SHA_A, "banks/rgb.npz": SHA_B, "golden/0.npz": SHA_C},
     )
     fields.update(overrides)
-    return BundleManifest(**fields)
+    return draft_manifest(**fields)
 
 
 def test_round_trip_through_dict_and_canonical_json() -> None:
