@@ -10,21 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FeatureFusionBlock", "Mlp", "UFFExport"]
+from trainer.models.vit import Mlp  # same fc1 -> GELU -> fc2 block, same state-dict keys
 
-
-class Mlp(nn.Module):
-    """Linear(C -> C*ratio) -> GELU -> Linear(C*ratio -> C); keys `fc1`, `fc2` as in timm's Mlp."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., C)."""
-        return self.fc2(self.act(self.fc1(x)))
+__all__ = ["FeatureFusionBlock", "UFFExport"]
 
 
 class FeatureFusionBlock(nn.Module):
