@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,13 @@ def evaluate_models(
     report_dir = out or (model / "report")
     results: dict[str, dict[str, VariantMetrics]] = {}
     extra: dict[str, Any] = {"path": "torch", "classes_meta": {}}
+    runners_by_preset: dict[str, FeatureRunners] = {}  # backbones load once, not once per class
     for class_dir in class_dirs(model):
         info = load_model_info(class_dir)
-        runners = build_feature_runners(info.preset, WeightPaths(weights_dir=weights_dir))
+        if info.preset.name not in runners_by_preset:
+            weights = WeightPaths(weights_dir=weights_dir)
+            runners_by_preset[info.preset.name] = build_feature_runners(info.preset, weights)
+        runners = runners_by_preset[info.preset.name]
         scorer = load_scorer(info, uff_runner(load_uff(class_dir / "uff.safetensors")))
         metrics, scored = evaluate_class(data_root, info, runners, scorer, report_dir)
         results[info.class_name] = metrics
@@ -201,7 +205,3 @@ def evaluate_bundle(data_root: Path, bundle: Path, key: Path | None, out: Path |
         },
     }
     return summarise({station.info.class_name: metrics}, report_dir, extra)
-
-
-def metrics_to_dict(metrics: dict[str, VariantMetrics]) -> dict[str, dict[str, float]]:
-    return {v: asdict(m) for v, m in metrics.items()}
