@@ -275,29 +275,6 @@ def bundle_inspect(bundle: Annotated[Path, typer.Argument(help="Bundle folder or
     emit_json(inspect_bundle(bundle))
 
 
-def _not_yet(role: str) -> None:
-    typer.echo(f"error: the {role} role is not part of this release yet (see README roadmap)", err=True)
-    raise typer.Exit(2)
-
-
-@app.command()
-def edge() -> None:
-    """Run a station (capture -> score -> publish). Not in this release yet."""
-    _not_yet("edge station")
-
-
-@app.command()
-def collector() -> None:
-    """Run the central collector and dashboard. Not in this release yet."""
-    _not_yet("collector")
-
-
-@app.command()
-def deploy() -> None:
-    """Push bundles to the fleet with staged rollout. Not in this release yet."""
-    _not_yet("deploy")
-
-
 @app.command()
 @cli_errors
 def demo(

@@ -1,0 +1,3 @@
+from m3dm.cli import main
+
+main()
