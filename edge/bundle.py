@@ -13,7 +13,7 @@ import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -259,7 +259,7 @@ def verify_report(
 ) -> VerifyReport:
     """Run every check in order; after the first failure the rest are "skipped" (nothing is trusted)."""
     bundle_dir, public_key_path = Path(bundle_dir), Path(public_key_path)
-    now = datetime.now(timezone.utc) if now is None else now
+    now = datetime.now(UTC) if now is None else now
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     report = VerifyReport(str(bundle_dir))

@@ -96,12 +96,8 @@ def _frame_len(frame: Any) -> int:
     return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
-def decode(frames: Sequence[Any], accept: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, list[bytes]]:
-    """Strictly decode one multipart message into (message, blobs).
-
-    accept: the message type or `Union[...]` of types this endpoint takes; anything else is refused.
-    frames may be bytes, memoryviews or zmq Frames (anything with the buffer protocol).
-    """
+def _checked_frames(frames: Sequence[Any], limits: Limits) -> list[bytes]:
+    """Frame count and sizes, checked before any parsing."""
     if not frames:
         raise ProtocolError("bad_message", "empty message")
     if len(frames) > limits.max_frames:
@@ -115,12 +111,24 @@ def decode(frames: Sequence[Any], accept: Any, limits: Limits = DEFAULT_LIMITS) 
     for blob in raw[1:]:
         if len(blob) > limits.max_blob_bytes:
             raise ProtocolError("too_large", f"blob of {len(blob)} bytes > {limits.max_blob_bytes}")
+    return raw
+
+
+def decode(frames: Sequence[Any], accept: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[Any, list[bytes]]:
+    """Strictly decode one multipart message into (message, blobs).
+
+    accept: the message type or `Union[...]` of types this endpoint takes; anything else is refused.
+    frames may be bytes, memoryviews or zmq Frames (anything with the buffer protocol).
+    """
+    raw = _checked_frames(frames, limits)
     try:
         head = _head_decoder.decode(raw[0])
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
         raise ProtocolError("bad_message", f"header is not a message: {err}") from None
     if head.v != PROTOCOL_VERSION:
-        raise ProtocolError("unsupported_version", f"schema version {head.v}, this end speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            "unsupported_version", f"schema version {head.v}; this end speaks {PROTOCOL_VERSION}"
+        )
     try:
         message = _decoder_for(accept).decode(raw[0])
     except msgspec.ValidationError as err:

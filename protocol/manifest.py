@@ -13,7 +13,7 @@ import re
 import types
 import uuid
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -68,7 +68,7 @@ def format_utc(moment: datetime) -> str:
     """ISO 8601 UTC with a `Z` suffix, whole seconds (`2026-01-31T12:00:00Z`)."""
     if moment.tzinfo is None:
         raise SchemaError("datetime must be timezone-aware")
-    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_utc(text: str) -> datetime:

@@ -142,7 +142,7 @@ class Ack(Message, frozen=True, tag="ack"):
 
 
 class ErrorReply(Message, frozen=True, tag="error"):
-    """A message was refused. `code`: bad_message | unsupported_version | too_large | not_allowed | internal."""
+    """A refused message. `code`: bad_message | unsupported_version | too_large | not_allowed | internal."""
 
     code: str
     reason: str

@@ -11,7 +11,7 @@ import platform
 import shutil
 import tempfile
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ def draft_manifest(
     info: ModelInfo, banks: dict[str, BankSpec], version: str, counter: int, expires_days: int
 ) -> BundleManifest:
     p = info.preset
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     raw = info.raw
     return BundleManifest(
         schema_version=SCHEMA_VERSION,

@@ -7,7 +7,7 @@ import io
 import json
 import shutil
 import tarfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from protocol.manifest import (
 from trainer.bank_encode import encode_bank, save_encoded_bank
 from trainer.bundle import BundleContents, build_bundle, keygen, tar_path_for
 
-NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 PAYLOAD = ["banks/point.npz", "banks/rgb.npy", "golden/0.npz", "onnx/rgb.onnx", "onnx/uff.onnx"]
 ALL_FILES = sorted([*PAYLOAD, "manifest.json", "manifest.sig"])
 
@@ -135,7 +135,7 @@ def test_wrong_public_key_fails_signature(built) -> None:
 
 def test_expired_bundle_names_both_dates(built) -> None:
     with pytest.raises(ExpiredError, match="2027-01-01T00:00:00Z.*2027-02-01"):
-        verify_bundle(built[0], built[1], now=datetime(2027, 2, 1, tzinfo=timezone.utc))
+        verify_bundle(built[0], built[1], now=datetime(2027, 2, 1, tzinfo=UTC))
 
 
 def test_lower_anti_rollback_counter_is_refused(built) -> None:
