@@ -91,7 +91,7 @@ class ProcessGroup:
         timeout_s: float = 60.0,
         env: dict[str, str] | None = None,
     ) -> ManagedProcess:
-        """Start `argv` as `name`; if `ready` is given, wait until it returns True (or fail, naming the log)."""
+        """Start `argv` as `name`; with `ready`, wait until it returns True (or fail, naming the log)."""
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("wb")
         popen = subprocess.Popen(
