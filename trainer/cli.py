@@ -67,11 +67,21 @@ def synth(
     workers: Annotated[int, typer.Option(help="Processes.")] = 2,
     preview: Annotated[bool, typer.Option(help="Also write preview.png, a contact sheet.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace class folders that already exist.")] = False,
+    corrupt: Annotated[
+        bool,
+        typer.Option(
+            help="Write a corrupt-data set instead: every bad-input case among n-test-good good scans of "
+            "the first --class, in <class>/test/good, with expected.json naming each case's error."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Generate a deterministic, realistic structured-light data set (our stand-in sensor)."""
     from trainer.synth import CLASS_NAMES, SynthConfig, synthesize, write_preview
 
+    if corrupt:
+        _synth_corrupt(out, (classes or [CLASS_NAMES[0]])[0], seed, size, n_test_good, overwrite, as_json)
+        return
     cfg = SynthConfig(
         seed=seed,
         classes=tuple(classes) if classes else tuple(CLASS_NAMES),
@@ -93,6 +103,21 @@ def synth(
         emit_json(summary)
     else:
         typer.echo(f"wrote {out} in {summary.get('seconds', 0):.1f} s")
+
+
+def _synth_corrupt(
+    out: Path, class_name: str, seed: int, size: int, n_good: int, overwrite: bool, as_json: bool
+) -> None:
+    from trainer.progress import progress_callback
+    from trainer.synth.corrupt import write_corrupt_set
+
+    with progress_callback("writing corrupt set") as progress:
+        expected = write_corrupt_set(out, class_name, seed, size, n_good, overwrite, progress)
+    if as_json:
+        emit_json(expected)
+    else:
+        counts = expected["counts"]
+        typer.echo(f"wrote {out}: {counts['good']} good and {counts['bad']} bad samples, see expected.json")
 
 
 @data_app.command("info")
