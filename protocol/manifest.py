@@ -2,7 +2,8 @@
 
 The trainer fills it from a model directory; `canonical_json` is the exact byte string that is signed and
 written as `manifest.json`; a station parses it with `manifest_from_json` before trusting any file.
-Stdlib only. Every record is a frozen dataclass with strict `to_dict()` / `from_dict()`.
+Every record is a frozen msgspec struct (unknown fields refused, validated in `__post_init__`), with
+`to_dict()` / `from_dict()`; every error, whether msgspec's or ours, is a `protocol.errors.SchemaError`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import types
 import uuid
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
+
+import msgspec
 
 from protocol.errors import SchemaError
 
@@ -109,101 +110,66 @@ def _require(condition: bool, message: str) -> None:
         raise SchemaError(message)
 
 
-# ------------------------------------------------------------------------- strict (de)serialisation
+# ------------------------------------------------------------------------------- typed records
 
 
-def _to_json(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, (tuple, list)):
-        return [_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    return value
-
-
-def _check_json_value(value: Any, where: str) -> Any:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise SchemaError(f"{where}: not a JSON value ({exc})") from None
-    return value
-
-
-def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+def _check_finite(value: Any, where: str) -> None:
+    """NaN and infinities are not JSON: refuse them wherever a float sits (msgspec would write `null`)."""
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise SchemaError(f"{where}: must be finite, got {value!r}")
-        return float(value)
-    if tp is str and isinstance(value, str):
-        return value
-    raise SchemaError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:  # noqa: C901 - one branch per JSON shape
-    origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
-        return _check_json_value(value, where)
-    if is_dataclass(tp):
-        return _from_mapping(tp, value, where)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _convert(next(a for a in args if a is not type(None)), value, where)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
-        item_types = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
-        if len(item_types) != len(value):
-            raise SchemaError(f"{where}: expected {len(item_types)} items, got {len(value)}")
-        items = [
-            _convert(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value, strict=True))
-        ]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise SchemaError(f"{where}: expected an object with string keys")
-        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    return _convert_scalar(tp, value, where)
+class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every manifest record: frozen, unknown fields refused, floats finite.
 
+    To extend a record, add a field WITH a default after the existing ones (old manifests still parse) and,
+    if it needs checking, a line in that record's `__post_init__` raising SchemaError. msgspec runs
+    `__post_init__` on construction and on every decode, so a record that exists is a valid one.
+    """
 
-def _from_mapping(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise SchemaError(f"{where}: unknown field(s) {unknown}")
-    required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
-    missing = sorted(n for n in required if n not in data)
-    if missing:
-        raise SchemaError(f"{where}: missing field(s) {missing}")
-    values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    return cls(**values)
-
-
-class _Record:
-    """Mixin: strict JSON-compatible `to_dict()` / `from_dict()` for the frozen records below."""
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field_name in self.__struct_fields__:
+            value = getattr(self, field_name)
+            if not isinstance(value, msgspec.Struct):  # nested records check themselves
+                _check_finite(value, f"{name}.{field_name}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types only: tuples become lists, records become objects."""
-        return _to_json(self)
+        return json.loads(_json_text(self))
 
     @classmethod
     def from_dict(cls, data: Any) -> Any:
-        """Build from `to_dict()` output; unknown or missing fields and wrong types raise SchemaError."""
-        return _from_mapping(cls, data, cls.__name__)
+        """Strict typed parse (msgspec): unknown or missing fields and wrong types raise SchemaError."""
+        return _convert(data, cls)
+
+
+def _convert(data: Any, cls: type) -> Any:
+    try:
+        return msgspec.convert(data, cls, strict=True)
+    except msgspec.ValidationError as exc:  # the message names the field path, e.g. `$.banks[...].dim`
+        raise SchemaError(f"{cls.__name__}: {exc}") from None
+
+
+def _json_text(record: msgspec.Struct) -> str:
+    """Sorted keys, no whitespace, ASCII, no NaN: stdlib json, so the signed bytes never change format."""
+    try:
+        builtins = msgspec.to_builtins(record)
+        return json.dumps(builtins, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"manifest is not JSON-serialisable: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True)
 class InputSpec(_Record):
     """Preprocessing a station must reproduce; field names match `core.config.PreprocessConfig`."""
 
@@ -223,6 +189,7 @@ class InputSpec(_Record):
     seed: int
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.rgb_input_size > 0 and self.image_size > 0, "InputSpec: sizes must be positive")
         _require(all(s > 0 for s in self.rgb_std), "InputSpec: rgb_std must be positive")
         _require(
@@ -230,7 +197,6 @@ class InputSpec(_Record):
         )
 
 
-@dataclass(frozen=True)
 class FeatureSpec(_Record):
     """Backbones and feature geometry: channel dims, patch grids and point grouping."""
 
@@ -245,6 +211,7 @@ class FeatureSpec(_Record):
     group_size: int
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         dims = (
             self.rgb_dim,
             self.point_dim,
@@ -259,7 +226,6 @@ class FeatureSpec(_Record):
         )
 
 
-@dataclass(frozen=True)
 class ArtifactRef(_Record):
     """One network file. `sha256=""` and `size_bytes=0` mark a draft the bundle builder fills in."""
 
@@ -268,13 +234,13 @@ class ArtifactRef(_Record):
     size_bytes: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_relpath(self.path)
         if self.sha256:
             _check_sha256(self.sha256, self.path)
         _require(self.size_bytes >= 0, f"{self.path}: size_bytes must be >= 0")
 
 
-@dataclass(frozen=True)
 class BankSpec(_Record):
     """One memory bank file (rows x dim, encoded) and the scalar stats its features are mapped with."""
 
@@ -289,6 +255,7 @@ class BankSpec(_Record):
     pq_m: int | None = None  # PQ sub-quantisers; only for encoding "pq"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_relpath(self.path)
         if self.stats_path is not None:
             check_relpath(self.stats_path)
@@ -302,7 +269,6 @@ class BankSpec(_Record):
             _require(self.pq_m > 0 and self.dim % self.pq_m == 0, f"{self.path}: pq_m must divide dim")
 
 
-@dataclass(frozen=True)
 class DLFCoefficients(_Record):
     """Linear one-class SVMs of one combined variant: score = coef . per-bank scores (+ offset)."""
 
@@ -312,7 +278,6 @@ class DLFCoefficients(_Record):
     pixel_offset: float
 
 
-@dataclass(frozen=True)
 class ScoringSpec(_Record):
     """Per-bank scoring and decision fusion. `score_stats`: variant -> named normalisation stats."""
 
@@ -320,15 +285,15 @@ class ScoringSpec(_Record):
     blur_sigma_px: float
     reweight_k: int
     output_size: int
-    score_stats: dict[str, dict[str, float]] = field(default_factory=dict)
-    dlf: dict[str, DLFCoefficients] = field(default_factory=dict)
+    score_stats: dict[str, dict[str, float]] = {}
+    dlf: dict[str, DLFCoefficients] = {}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.blur_sigma_px >= 0, "ScoringSpec: blur_sigma_px must be >= 0")
         _require(self.reweight_k >= 1 and self.output_size > 0, "ScoringSpec: reweight_k/output_size > 0")
 
 
-@dataclass(frozen=True)
 class Thresholds(_Record):
     """The decision: image score of `variant` above `image_threshold` is NOK."""
 
@@ -338,10 +303,10 @@ class Thresholds(_Record):
     pixel_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(0.0 <= self.false_reject_rate <= 1.0, "Thresholds: false_reject_rate must lie in [0, 1]")
 
 
-@dataclass(frozen=True)
 class Provenance(_Record):
     """Where the model came from; `training_config` is the resolved config as JSON values."""
 
@@ -352,7 +317,6 @@ class Provenance(_Record):
     host: str
 
 
-@dataclass(frozen=True)
 class GoldenSample(_Record):
     """A self-test: this input (.npz with `rgb`, `xyz`) must reproduce these outputs on the station."""
 
@@ -364,13 +328,13 @@ class GoldenSample(_Record):
     variant: str = "rgb+point+fusion"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_relpath(self.input_path)
         _require(self.input_path.endswith(".npz"), f"{self.input_path}: golden input must be .npz")
         _check_sha256(self.expected_map_sha256, self.input_path)
         _require(self.tolerance_abs >= 0, f"{self.input_path}: tolerance_abs must be >= 0")
 
 
-@dataclass(frozen=True)
 class BundleManifest(_Record):
     """The whole manifest. `files` lists every file except manifest.json / manifest.sig with its sha256."""
 
@@ -391,10 +355,11 @@ class BundleManifest(_Record):
     thresholds: Thresholds
     precision: str
     provenance: Provenance
-    golden: list[GoldenSample] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
+    golden: list[GoldenSample] = []
+    files: dict[str, str] = {}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.schema_version == SCHEMA_VERSION, f"unknown schema_version {self.schema_version!r}")
         _require(
             bool(_BUNDLE_ID.fullmatch(self.bundle_id)), f"bundle_id must be uuid4 hex: {self.bundle_id!r}"
@@ -422,7 +387,7 @@ class BundleManifest(_Record):
             raise SchemaError(
                 f"unknown schema_version {data.get('schema_version')!r}; expected {SCHEMA_VERSION}"
             )
-        manifest = _from_mapping(cls, data, "manifest")
+        manifest = _convert(data, cls)
         manifest.check_sealed()
         return manifest
 
@@ -446,11 +411,7 @@ class BundleManifest(_Record):
 
 def canonical_json(manifest: BundleManifest) -> bytes:
     """The signed bytes: sorted keys, no whitespace, ASCII, no NaN. Also what manifest.json holds."""
-    try:
-        text = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except ValueError as exc:
-        raise SchemaError(f"manifest is not JSON-serialisable: {exc}") from None
-    return text.encode("ascii")
+    return _json_text(manifest).encode("ascii")
 
 
 def _reject_constant(name: str) -> Any:

@@ -7,7 +7,6 @@ directory plus a reproducible `<dir>.tar` for transport. Stations check it with 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -19,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -137,7 +137,7 @@ def _seal(draft: BundleManifest, payload: Mapping[str, bytes]) -> BundleManifest
         if ref.path not in payload:
             raise SchemaError(f"network {name!r} file {ref.path!r} is not among the bundle contents")
         networks[name] = ArtifactRef(ref.path, digests[ref.path], len(payload[ref.path]))
-    manifest = dataclasses.replace(draft, networks=networks, files=digests)
+    manifest = msgspec.structs.replace(draft, networks=networks, files=digests)
     manifest.check_sealed()
     return manifest
 

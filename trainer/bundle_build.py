@@ -10,12 +10,12 @@ import logging
 import platform
 import shutil
 import tempfile
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from core.errors import ConfigError
@@ -130,7 +130,7 @@ def draft_manifest(
         expires_utc=format_utc(now + timedelta(days=expires_days)),
         anti_rollback_counter=counter,
         input_spec=InputSpec(
-            **{k: v for k, v in raw["preprocess"].items() if k in InputSpec.__dataclass_fields__}
+            **{k: v for k, v in raw["preprocess"].items() if k in InputSpec.__struct_fields__}
         ),
         feature_spec=FeatureSpec(
             p.rgb_backbone,
@@ -219,7 +219,7 @@ def build_model_bundle(
         draft = draft_manifest(info, banks, version, counter, expires_days)
         inputs = stage_golden_inputs(data_root, info.class_name, staging)
         golden = golden_samples(staging, draft, inputs)
-        draft = replace(draft, golden=golden)
+        draft = msgspec.structs.replace(draft, golden=golden)
         files = {str(p.relative_to(staging).as_posix()): p for p in sorted(staging.rglob("*")) if p.is_file()}
         bundle_dir = build_bundle(BundleContents(manifest=draft, files=files), key_dir, out)
     finally:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
+import msgspec
 import pytest
 from manifest_factory import draft_manifest
 
@@ -76,9 +76,12 @@ def test_unknown_schema_version_is_refused() -> None:
     ("mutate", "match"),
     [
         (lambda d: d | {"surprise": 1}, "unknown field"),
-        (lambda d: {k: v for k, v in d.items() if k != "preset"}, "missing field"),
-        (lambda d: d | {"anti_rollback_counter": "7"}, "expected int"),
-        (lambda d: d | {"random_weights": 1}, "expected bool"),
+        (lambda d: {k: v for k, v in d.items() if k != "preset"}, "missing required field `preset`"),
+        (
+            lambda d: d | {"anti_rollback_counter": "7"},
+            r"Expected `int`, got `str` - at `\$.anti_rollback_counter`",
+        ),
+        (lambda d: d | {"random_weights": 1}, r"Expected `bool`, got `int`"),
         (lambda d: d | {"version": "1.2"}, "semver"),
         (lambda d: d | {"bundle_id": "xyz"}, "uuid4"),
         (lambda d: d | {"expires_utc": "2025-01-01T00:00:00Z"}, "expires_utc"),
@@ -88,7 +91,10 @@ def test_unknown_schema_version_is_refused() -> None:
         (lambda d: d | {"files": {"../x": SHA_A}}, "relative"),
         (lambda d: d | {"files": {"onnx/uff.onnx": SHA_A}}, "not listed"),
         (lambda d: d | {"files": {**d["files"], "onnx/uff.onnx": SHA_B}}, "sha256 differs"),
-        (lambda d: d | {"input_spec": {**d["input_spec"], "rgb_mean": [0.1, 0.2]}}, "expected 3 items"),
+        (
+            lambda d: d | {"input_spec": {**d["input_spec"], "rgb_mean": [0.1, 0.2]}},
+            r"length 3, got 2 - at `\$.input_spec.rgb_mean`",
+        ),
         (lambda d: d | {"banks": {"rgb": {**d["banks"]["rgb"], "encoding": "zip"}}}, "encoding"),
         (lambda d: d | {"banks": {"rgb": {**d["banks"]["rgb"], "pq_m": 5}}}, "pq_m"),
     ],
@@ -113,7 +119,7 @@ def test_draft_artifact_refs_allowed_but_unsealed_manifest_refused() -> None:
     with pytest.raises(SchemaError, match="no files"):
         draft.check_sealed()
     with pytest.raises(SchemaError):
-        BundleManifest.from_dict(dataclasses.replace(draft).to_dict())
+        BundleManifest.from_dict(msgspec.structs.replace(draft).to_dict())
 
 
 @pytest.mark.parametrize(
@@ -122,3 +128,38 @@ def test_draft_artifact_refs_allowed_but_unsealed_manifest_refused() -> None:
 def test_check_relpath_rejects_unsafe_paths(bad: str) -> None:
     with pytest.raises(SchemaError):
         check_relpath(bad)
+
+
+def test_non_finite_floats_are_refused_on_construction_and_parse() -> None:
+    with pytest.raises(SchemaError, match=r"Thresholds.image_threshold: must be finite"):
+        Thresholds("rgb", float("nan"), 0.01)
+    data = sealed_manifest().to_dict()
+    data["scoring"]["score_stats"]["rgb"]["image_mean"] = float("inf")
+    with pytest.raises(SchemaError, match=r"score_stats.rgb.image_mean: must be finite"):
+        BundleManifest.from_dict(data)
+    # 1e999 parses as inf in Python's json; it must not reach a station as a threshold
+    raw = canonical_json(sealed_manifest()).replace(b'"image_threshold":2.5', b'"image_threshold":1e999')
+    with pytest.raises(SchemaError, match="must be finite"):
+        manifest_from_json(raw)
+
+
+def test_records_are_frozen_and_errors_name_the_field_path() -> None:
+    manifest = sealed_manifest()
+    with pytest.raises(AttributeError, match="immutable"):
+        manifest.version = "9.9.9"  # type: ignore[misc]
+    data = manifest.to_dict()
+    data["banks"]["rgb"]["dim"] = "48"
+    with pytest.raises(SchemaError, match=r"Expected `int`, got `str` - at `\$.banks\[\.\.\.\].dim`"):
+        BundleManifest.from_dict(data)
+
+
+def test_canonical_bytes_are_pinned_for_a_small_record() -> None:
+    """The signed format: sorted keys, no spaces, ASCII escapes, floats as Python's repr."""
+    sample = GoldenSample("golden/\u00e9.npz", 1e-05, SHA_C, 0.5, 0.001)
+    assert json.dumps(sample.to_dict(), sort_keys=True, separators=(",", ":")) == (
+        '{"expected_image_score":1e-05,"expected_map_mean":0.5,"expected_map_sha256":"'
+        + SHA_C
+        + '","input_path":"golden/\\u00e9.npz","tolerance_abs":0.001,"variant":"rgb+point+fusion"}'
+    )
+    raw = canonical_json(sealed_manifest(provenance=Provenance("s\u00e9", {}, "c", "0.1.0", "h")))
+    assert raw.isascii() and b" " not in raw and b'"dataset":"s\\u00e9"' in raw
