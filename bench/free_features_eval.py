@@ -154,7 +154,7 @@ def describe(scan: PreparedScan, with_fpfh: bool, timings: dict) -> dict[str, np
         for name, nm, fm in (("fpfh", 4.0, 10.0),):
             cached = Path(f"{scan.source}.{name}.npy")
             if scan.source and cached.exists():
-                out[name] = np.load(cached)
+                out[name] = np.load(cached, allow_pickle=False)
                 continue
             t0 = time.perf_counter()
             f, idx = fpfh_per_point(scan, nm, fm)
@@ -260,7 +260,7 @@ def _prepared(ref, cache: Path) -> tuple[PreparedScan, np.ndarray]:
         scan = prepare_scan(load_scan(ref), PreprocessConfig())
         gt = np.zeros((224, 224), np.uint8) if scan.gt_ids_hw is None else scan.gt_ids_hw
         np.savez(path, rgb=scan.rgb_hwc_u8, xyz=scan.xyz_hwc_m, valid=scan.valid_hw, gt=gt)
-    z = np.load(path)
+    z = np.load(path, allow_pickle=False)
     scan = PreparedScan(np.zeros((3, 1, 1), np.float32), z["rgb"], z["xyz"], z["valid"], z["gt"], str(path))
     return scan, z["gt"]
 
