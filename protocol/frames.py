@@ -169,9 +169,12 @@ def dequantise_map(meta: MapMeta, payload: bytes) -> np.ndarray:
         raise ProtocolError("bad_message", f"anomaly map of {meta.height}x{meta.width} is out of range")
     try:
         # max_length bounds the output: a tiny payload must not inflate into gigabytes.
-        raw = zlib.decompressobj().decompress(payload, pixels + 1)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(payload, pixels + 1)
     except zlib.error as err:
         raise ProtocolError("bad_message", f"anomaly map does not decompress: {err}") from None
+    if not inflater.eof:  # a cut stream can still yield every pixel; only the end marks it complete
+        raise ProtocolError("bad_message", "anomaly map payload is truncated")
     if len(raw) != pixels:
         raise ProtocolError("bad_message", "anomaly map has the wrong number of pixels")
     q = np.frombuffer(raw, dtype=np.uint8).reshape(meta.height, meta.width)
