@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from PIL import Image
 from collector.records import result_record
 from collector.store import HeartbeatIn, Store
 from protocol.frames import quantise_map
-from protocol.messages import Blob, Heartbeat, InspectionResult
+from protocol.messages import Blob, Heartbeat, InspectionResult, StationEvent
 
 MAP_HW = (224, 224)
 
@@ -187,3 +188,29 @@ def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, str, bytes]:
     except urllib.error.HTTPError as err:
         with err:
             return err.code, err.headers.get("Content-Type", ""), err.read()
+
+
+def station_events(stations: tuple[str, ...] = ("press-01", "press-02")) -> list[StationEvent]:
+    """What stations report around an update: bundle loads, one failed update, a source that ended."""
+    now = time.time()
+    out = []
+    for i, station in enumerate(stations):
+        out.append(_event(station, now - 600 + i, "bundle_loaded", {"slot": "A"}))
+    out.append(
+        _event(stations[-1], now - 300, "update_failed", {"reason": "signature mismatch", "to": "1.1.0"})
+    )
+    out.append(_event(stations[0], now - 90, "source_ended", {"source": "folder"}))
+    return out
+
+
+def _event(station: str, ts: float, kind: str, detail: dict[str, str]) -> StationEvent:
+    return StationEvent(
+        station_id=station,
+        epoch=1,
+        event_id=uuid.uuid4().hex,
+        ts=ts,
+        kind=kind,
+        bundle_id="b" * 16,
+        bundle_version="1.0.0",
+        detail=detail,
+    )

@@ -15,9 +15,10 @@ import sqlalchemy as sa
 from PIL import Image
 from sqlalchemy.engine import Connection, Engine
 
-from collector.schema import blobs, drift_state, inspections, stations
+from collector.schema import blobs, drift_state, events, inspections, stations
 
 __all__ = [
+    "EventItem",
     "FleetSummary",
     "Histogram",
     "NokItem",
@@ -25,6 +26,7 @@ __all__ = [
     "fleet_rows",
     "fleet_summary",
     "inspection_images",
+    "recent_events",
     "recent_nok",
     "score_histograms",
 ]
@@ -85,6 +87,15 @@ class FleetSummary:
     results: int
     nok: int
     drift_alarms: int
+
+
+@dataclass(frozen=True)
+class EventItem:
+    station_id: str
+    ts: float
+    kind: str
+    bundle_version: str
+    detail: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -319,3 +330,15 @@ def inspection_images(engine: Engine, inspection_id: int, want_map: bool = True)
         thumbnail=thumb_blob[1] if thumb_blob else None,
         thumbnail_media_type=thumb_blob[0] if thumb_blob else None,
     )
+
+
+def recent_events(engine: Engine, limit: int = 8) -> list[EventItem]:
+    """The newest station events (bundle loaded, update failed, ...), newest first."""
+    query = (
+        sa.select(events).order_by(events.c.ts.desc(), events.c.id.desc()).limit(max(1, min(int(limit), 200)))
+    )
+    with engine.connect() as conn:
+        return [
+            EventItem(r.station_id, float(r.ts), r.kind, r.bundle_version, dict(r.detail or {}))
+            for r in conn.execute(query)
+        ]

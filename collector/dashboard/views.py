@@ -1,7 +1,7 @@
 """The dashboard's Starlette routes: the page, its auto-refreshed partials, and the part images.
 
     /                                      the dashboard (server-rendered; dashboard.js refreshes the blocks)
-    /dashboard/partials/{summary,fleet,nok,histograms}   HTML fragments
+    /dashboard/partials/{summary,fleet,nok,histograms,events}   HTML fragments
     /dashboard/overlay/{id}.png            heatmap blended over the thumbnail of inspection `id`
     /dashboard/thumb/{id}.jpg              the RGB thumbnail of inspection `id`
     /dashboard/static/...                  CSS and JS shipped in this package (nothing from the internet)
@@ -46,6 +46,7 @@ class DashboardSettings:
     window_s: float = 3600.0  # NOK rate, p95 latency and histograms cover this much history
     online_after_s: float = 15.0  # a station not heard from for longer is offline
     nok_feed_size: int = 12
+    events_shown: int = 8
     histogram_bins: int = 30
 
 
@@ -59,6 +60,16 @@ def _ago(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.0f} h ago"
     return f"{seconds / 86400:.0f} d ago"
+
+
+def _event_tone(kind: str) -> str:
+    """Badge colour of an event kind: failures red, loads and successes green, the rest neutral."""
+    lowered = kind.lower()
+    if any(word in lowered for word in ("fail", "error", "reject", "rollback", "revoked")):
+        return "bad"
+    if any(word in lowered for word in ("loaded", "success", "promoted", "started", "applied")):
+        return "good"
+    return "neutral"
 
 
 def _window_label(window_s: float) -> str:
@@ -144,6 +155,19 @@ class _Dashboard:
         ]
         return {"histograms": cards}
 
+    def _events_context(self, now: float) -> dict:
+        items = queries.recent_events(self.engine, self.settings.events_shown)
+        rows = [
+            dict(
+                vars(e),
+                ago_label=_ago(max(0.0, now - e.ts)),
+                tone=_event_tone(e.kind),
+                detail_text=", ".join(f"{k}={v}" for k, v in sorted(e.detail.items())),
+            )
+            for e in items
+        ]
+        return {"events": rows}
+
     def _base_context(self, now: float) -> dict:
         return {
             "refresh_ms": self.settings.refresh_ms,
@@ -160,6 +184,7 @@ class _Dashboard:
         now = time.time()
         context = self._base_context(now)
         context |= self._fleet_context(now) | self._nok_context(now) | self._histogram_context(now)
+        context |= self._events_context(now)
         return self._render(request, "index.html", context)
 
     def summary(self, request: Request) -> Response:
@@ -184,6 +209,12 @@ class _Dashboard:
         now = time.time()
         context = self._base_context(now) | self._histogram_context(now)
         return self._render(request, "partials/histograms.html", context)
+
+    def events(self, request: Request) -> Response:
+        now = time.time()
+        return self._render(
+            request, "partials/events.html", self._base_context(now) | self._events_context(now)
+        )
 
     def _images(self, key: str, want_map: bool) -> queries.InspectionImages | None:
         if not key.isdigit() or len(key) > 19:
@@ -232,6 +263,7 @@ def dashboard_routes(engine: Engine, settings: DashboardSettings | None = None) 
         Route("/dashboard/partials/fleet", dash.fleet, name="dashboard-fleet"),
         Route("/dashboard/partials/nok", dash.nok, name="dashboard-nok"),
         Route("/dashboard/partials/histograms", dash.histograms, name="dashboard-histograms"),
+        Route("/dashboard/partials/events", dash.events, name="dashboard-events"),
         Route("/dashboard/overlay/{key}.png", dash.overlay, name="dashboard-overlay"),
         Route("/dashboard/thumb/{key}.jpg", dash.thumb, name="dashboard-thumb"),
         Mount("/dashboard/static", StaticFiles(directory=str(_HERE / "static")), name="dashboard-static"),

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dashboard_samples import fleet_history, inspection, ring_point, serve_in_thread, store_results
+from dashboard_samples import (
+    fleet_history,
+    inspection,
+    ring_point,
+    serve_in_thread,
+    station_events,
+    store_results,
+)
 
 from collector.http import create_app
 from collector.store import Store
@@ -53,6 +60,7 @@ def collector_http(tmp_path: Path) -> Iterator[tuple[str, Store]]:
     store = Store.open(f"sqlite:///{tmp_path / 'fleet.db'}")
     try:
         store_results(store, fleet_history(("press-01", "press-02")), fps=7.5)
+        store.insert_batch(events=station_events(("press-01", "press-02")))
         store.set_drift_state(
             {
                 "station_id": "press-02",

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from dashboard_samples import fleet_history, http_get, inspection, ring_point, serve_in_thread, store_results
+from dashboard_samples import (
+    fleet_history,
+    http_get,
+    inspection,
+    ring_point,
+    serve_in_thread,
+    station_events,
+    store_results,
+)
 from PIL import Image
 
 from collector.dashboard.histogram_svg import render_histogram_svg
@@ -37,6 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Stor
     store = Store.open(f"sqlite:///{db}")
     try:
         store_results(store, fleet_history(), fps=7.5)
+        store.insert_batch(events=station_events())
         # a NOK without images and one whose stored map is corrupt: both must give 404, not 500
         store_results(store, [inspection("press-03", 1, "NOK", 3.1, 2.0, None, with_images=False)])
         store_results(store, [inspection("press-03", 2, "NOK", 3.2, 2.0, ring_point(1.0))])
@@ -81,6 +90,20 @@ def test_index_shows_fleet_feed_and_histograms(served: tuple[str, Store]) -> Non
     )
 
 
+def test_events_panel_lists_newest_first_with_tones(served: tuple[str, Store]) -> None:
+    url, _ = served
+    _, _, body = http_get(url + "/dashboard/partials/events")
+    html = body.decode()
+    kinds = re.findall(r'<span class="badge ev-(\w+)">([^<]+)</span>', html)
+    assert kinds == [
+        ("neutral", "source_ended"),
+        ("bad", "update_failed"),
+        ("good", "bundle_loaded"),
+        ("good", "bundle_loaded"),
+    ]
+    assert "reason=signature mismatch" in html
+
+
 def test_dashboard_sits_next_to_the_api(served: tuple[str, Store]) -> None:
     url, _ = served
     status, ctype, _ = http_get(url + "/api/stations")
@@ -89,7 +112,7 @@ def test_dashboard_sits_next_to_the_api(served: tuple[str, Store]) -> None:
 
 def test_partials_and_static_files(served: tuple[str, Store]) -> None:
     url, _ = served
-    for name in ("summary", "fleet", "nok", "histograms"):
+    for name in ("summary", "fleet", "nok", "histograms", "events"):
         status, ctype, body = http_get(f"{url}/dashboard/partials/{name}")
         assert status == 200 and ctype.startswith("text/html"), name
         assert b"<html" not in body, "a partial is a fragment"
