@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # Rows per station that percentiles and histograms look at (the newest ones in the window).
-MAX_ROWS_PER_STATION = 5000
+MAX_ROWS_PER_STATION = 2000
 # Largest id the routes accept: a bigger number is a bad key (404), not a database overflow.
 MAX_ID = 2**63 - 1
 _DRIFT_RANK = {"alarm": 2, "ok": 1, "unknown": 0}

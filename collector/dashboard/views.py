@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Lock
+from typing import Any
 
 from markupsafe import Markup
 from sqlalchemy.engine import Engine
@@ -36,7 +38,6 @@ __all__ = ["DashboardSettings", "create_dashboard_app", "dashboard_routes"]
 
 log = logging.getLogger("m3dm.collector.dashboard")
 _HERE = Path(__file__).parent
-_FLEET_CACHE_S = 0.5
 _IMAGE_CACHE = "public, max-age=86400, immutable"  # an inspection's images never change once stored
 
 
@@ -48,6 +49,8 @@ class DashboardSettings:
     nok_feed_size: int = 12
     events_shown: int = 8
     histogram_bins: int = 30
+    fleet_ttl_s: float = 1.0  # fleet rows are recomputed at most this often, however many browsers poll
+    histogram_ttl_s: float = 3.0
 
 
 def _ago(seconds: float) -> str:
@@ -98,24 +101,39 @@ class _OverlayCache:
                 self._items.popitem(last=False)
 
 
+class _Ttl:
+    """One value recomputed at most every `ttl_s` (callers in the same window share it)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._value: Any = None
+        self._computed_ts = float("-inf")
+        self._lock = Lock()
+
+    def get(self, now: float, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if not 0.0 <= now - self._computed_ts < self._ttl_s:
+                self._value = compute()
+                self._computed_ts = now
+            return self._value
+
+
 class _Dashboard:
     def __init__(self, engine: Engine, settings: DashboardSettings) -> None:
         self.engine = engine
         self.settings = settings
         self.templates = Jinja2Templates(directory=str(_HERE / "templates"))
         self.overlays = _OverlayCache()
-        # The summary and fleet partials refresh together and need the same rows: compute them once.
-        self._fleet_cache: tuple[float, list[queries.StationRow]] = (float("-inf"), [])
-        self._fleet_lock = Lock()
+        # Every open browser polls every refresh_ms: share one computation per time-to-live between them.
+        # The summary and fleet partials need the same rows; hour-long histograms barely move in seconds.
+        self._fleet = _Ttl(settings.fleet_ttl_s)
+        self._hists = _Ttl(settings.histogram_ttl_s)
 
     def _fleet_rows(self, now: float) -> list[queries.StationRow]:
-        with self._fleet_lock:
-            computed_ts, rows = self._fleet_cache
-            if not 0.0 <= now - computed_ts < _FLEET_CACHE_S:
-                s = self.settings
-                rows = queries.fleet_rows(self.engine, s.window_s, s.online_after_s, now)
-                self._fleet_cache = (now, rows)
-            return rows
+        s = self.settings
+        return self._fleet.get(
+            now, lambda: queries.fleet_rows(self.engine, s.window_s, s.online_after_s, now)
+        )
 
     def _fleet_context(self, now: float) -> dict:
         rows = self._fleet_rows(now)
@@ -142,7 +160,9 @@ class _Dashboard:
 
     def _histogram_context(self, now: float) -> dict:
         s = self.settings
-        hists = queries.score_histograms(self.engine, s.window_s, s.histogram_bins, now)
+        hists = self._hists.get(
+            now, lambda: queries.score_histograms(self.engine, s.window_s, s.histogram_bins, now)
+        )
         cards = [
             {
                 "station_id": h.station_id,

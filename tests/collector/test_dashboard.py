@@ -136,6 +136,10 @@ def test_fresh_nok_appears_with_its_heatmap(collector_http: tuple[str, Store]) -
             assert "online" in row.inner_text()
             assert "alarm" in page.locator('tr.station-row[data-station="press-02"]').inner_text()
             assert page.locator(".nok-card").first.get_attribute("data-key") == key  # newest first
+            # histograms are recomputed every few seconds (DashboardSettings.histogram_ttl_s), then refreshed
+            page.locator('#histograms .hist-card[data-station="press-03"] rect.bar.nok').wait_for(
+                timeout=WAIT_MS
+            )
             assert page.locator("#histograms svg.hist").count() == 3
 
             ARTIFACTS.mkdir(exist_ok=True)
