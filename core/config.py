@@ -39,6 +39,9 @@ class PreprocessConfig:
             raise ConfigError("plane thresholds are metres and must lie in (0, 1)")
 
 
+POINT_BN_MODES = ("batch", "stored")
+
+
 @dataclass(frozen=True)
 class FeaturePreset:
     """A named feature configuration. `rgb_backbone`/`point_backbone` select the extractor."""
@@ -59,6 +62,17 @@ class FeaturePreset:
     # "scalar": one std per bank (M3DM, network features share units); "per_dim": per-channel std, for
     # hand-made descriptors whose channels have unrelated units (measured: +0.11 I-AUROC for free rgb).
     bank_norm: str = "scalar"
+    # Point-MAE BatchNorm: "batch" normalises each cloud by its own statistics over its G x K points, as the
+    # original code does (it never calls eval(), and its published numbers come from that mode); "stored"
+    # uses the checkpoint's running statistics (ShapeNet, unit-sphere data). Drop-path is off in both.
+    point_bn: str = "stored"
+    # The official preprocessing keeps the largest cluster of the cloud; on for the pretrained presets so a
+    # raw MVTec 3D-AD scan is prepared as the published numbers assume (core.plane.keep_largest_cluster).
+    largest_cluster: bool = False
+
+    def __post_init__(self) -> None:
+        if self.point_bn not in POINT_BN_MODES:
+            raise ConfigError(f"point_bn must be one of {POINT_BN_MODES}, got {self.point_bn!r}")
 
     @property
     def fusion_dim(self) -> int:
@@ -74,10 +88,30 @@ FREE_RGB_DIM = 35
 FREE_POINT_DIM = 9
 
 PRESETS: dict[str, FeaturePreset] = {
-    "m3dm": FeaturePreset("m3dm", "dino_vitb8", "point_mae", 224, 768, 1152, needs_weights=True),
-    "m3dm-v2": FeaturePreset("m3dm-v2", "dinov2_vitb14", "point_mae", 392, 768, 1152, needs_weights=True),
+    "m3dm": FeaturePreset(
+        "m3dm",
+        "dino_vitb8",
+        "point_mae",
+        224,
+        768,
+        1152,
+        needs_weights=True,
+        point_bn="batch",
+        largest_cluster=True,
+    ),
+    "m3dm-v2": FeaturePreset(
+        "m3dm-v2",
+        "dinov2_vitb14",
+        "point_mae",
+        392,
+        768,
+        1152,
+        needs_weights=True,
+        point_bn="batch",
+        largest_cluster=True,
+    ),
     "m3dm-random": FeaturePreset(
-        "m3dm-random", "dino_vitb8", "point_mae", 224, 768, 1152, random_weights=True
+        "m3dm-random", "dino_vitb8", "point_mae", 224, 768, 1152, random_weights=True, point_bn="batch"
     ),
     "m3dm-free": FeaturePreset(
         "m3dm-free", "free", "free", 224, FREE_RGB_DIM, FREE_POINT_DIM, bank_norm="per_dim"

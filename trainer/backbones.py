@@ -60,7 +60,7 @@ def _point_module(preset: FeaturePreset, weights: WeightPaths):  # noqa: ANN202 
     from trainer.checkpoints import load_point_mae, random_init
     from trainer.models.point_mae import build_point_backbone
 
-    model = build_point_backbone()
+    model = build_point_backbone(preset.point_bn)
     if preset.random_weights:
         random_init(model, seed=1)
     else:

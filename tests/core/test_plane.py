@@ -7,7 +7,14 @@ import pytest
 
 from core.config import PreprocessConfig
 from core.errors import EmptyCloudError
-from core.plane import border_points, fit_border_plane, keep_largest_cluster, remove_plane, valid_mask
+from core.plane import (
+    border_points,
+    fit_border_plane,
+    keep_largest_cluster,
+    keep_largest_cluster_dbscan,
+    remove_plane,
+    valid_mask,
+)
 
 # Support plane z = Z0 + A x + B y (metres); the camera looks along +z.
 A, B, Z0 = 0.15, 0.10, 0.40
@@ -86,14 +93,17 @@ def test_remove_plane_keeps_object_and_removes_plane():
 
 
 def _blobs() -> np.ndarray:
-    """Three blobs 5 cm apart: 400, 150 and 100 points on a 2 mm grid, plus 950 isolated noise points."""
+    """An organised 40x40 scan: blobs of 400 (20x20, top-left), 150 and 100 points on a 2 mm grid, 5 cm apart,
+    and 950 isolated noise points everywhere else (noise outnumbers every blob)."""
     rng = np.random.default_rng(1)
-    grid = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2) * 0.002 + 0.01
-    blobs = [grid, grid[:150] + 0.05, grid[:100] + 0.1]
-    pts = [np.c_[b, np.full(len(b), 0.4)] for b in blobs]
-    noise = np.c_[rng.uniform(0.2, 2.0, (950, 2)), rng.uniform(0.3, 2.0, 950)]
-    cloud = np.concatenate([*pts, noise]).astype(np.float32)
-    return cloud.reshape(40, 40, 3)
+    xyz = np.c_[rng.uniform(0.2, 2.0, (1600, 2)), rng.uniform(0.3, 2.0, 1600)].reshape(40, 40, 3)
+    yy, xx = np.mgrid[0:20, 0:20]
+    xyz[:20, :20] = np.stack([xx * 0.002 + 0.01, yy * 0.002 + 0.01, np.full((20, 20), 0.4)], -1)
+    yy, xx = np.mgrid[0:10, 0:15]
+    xyz[22:32, :15] = np.stack([xx * 0.002 + 0.06, yy * 0.002 + 0.06, np.full((10, 15), 0.4)], -1)
+    yy, xx = np.mgrid[0:10, 0:10]
+    xyz[22:32, 20:30] = np.stack([xx * 0.002 + 0.11, yy * 0.002 + 0.11, np.full((10, 10), 0.4)], -1)
+    return xyz.astype(np.float32)
 
 
 def test_keep_largest_cluster_ignores_dbscan_noise_label():
@@ -101,9 +111,13 @@ def test_keep_largest_cluster_ignores_dbscan_noise_label():
     rgb = np.full((40, 40, 3), 7, np.uint8)
     cfg = PreprocessConfig(cluster_eps_m=0.0025, cluster_min_points=4)
     out_xyz, out_rgb = keep_largest_cluster(xyz, rgb, cfg)
-    kept = valid_mask(out_xyz).reshape(-1)
-    assert kept[:400].all() and not kept[400:].any()  # the 400-point blob, not the 950 noise points
-    assert (out_rgb.reshape(-1, 3)[~kept] == 0).all() and (out_rgb.reshape(-1, 3)[kept] == 7).all()
+    kept = valid_mask(out_xyz)
+    blob = np.zeros((40, 40), bool)
+    blob[:20, :20] = True
+    assert np.array_equal(kept, blob)  # the 400-point blob, not the 950 noise points nor smaller blobs
+    assert (out_rgb[~kept] == 0).all() and (out_rgb[kept] == 7).all()
+    reference = valid_mask(keep_largest_cluster_dbscan(xyz, rgb, cfg)[0])
+    assert np.array_equal(kept, reference)
 
 
 def test_keep_largest_cluster_without_any_cluster_empties_the_cloud():
@@ -124,3 +138,62 @@ def test_fit_border_plane_is_deterministic_with_cluttered_borders():
     assert all(np.array_equal(fits[0], f) for f in fits[1:])
     # No accuracy check: with ransac_n=50 no sample is outlier-free at 30% clutter (0.7^50), so the fit is
     # biased by a few degrees; that is the original's behaviour, not something this function can fix.
+
+
+def _cluttered_generated_scan(seed: int):  # noqa: ANN202 - (xyz, rgb) after plane removal, padded
+    """A generated scan with floating clutter blobs and scattered stray points above the removed plane."""
+    from core.plane import remove_plane
+    from core.preprocess import pad_to_square
+    from trainer.synth import render_sample
+
+    raw = render_sample("gland", seed, width_px=300, height_px=300)
+    cfg = PreprocessConfig()
+    xyz, rgb = remove_plane(raw.xyz_hwc_m, raw.rgb_hwc_u8, fit_border_plane(raw.xyz_hwc_m, cfg), cfg)
+    rng = np.random.default_rng(seed)
+    h, w = xyz.shape[:2]
+    for _ in range(4):  # 8x8 blobs lifted 2-5 cm off the plane: clusters of their own
+        y, x = rng.integers(8, h - 8), rng.integers(8, w - 8)
+        block = (slice(y - 4, y + 4), slice(x - 4, x + 4))
+        lifted = raw.xyz_hwc_m[block].copy()
+        lifted[..., 2] -= rng.uniform(0.02, 0.05)
+        xyz[block] = lifted
+    stray = rng.random((h, w)) < 0.01
+    xyz[stray] = raw.xyz_hwc_m[stray] - np.array([0, 0, 0.03], np.float32)
+    return pad_to_square(xyz, 100), pad_to_square(rgb, 100)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_grid_largest_cluster_keeps_the_same_points_as_open3d_dbscan(seed: int) -> None:
+    xyz, rgb = _cluttered_generated_scan(seed)
+    cfg = PreprocessConfig()
+    ours = valid_mask(keep_largest_cluster(xyz, rgb, cfg)[0])
+    reference = valid_mask(keep_largest_cluster_dbscan(xyz, rgb, cfg)[0])
+    assert reference.sum() > 1000  # the object, not a clutter blob
+    assert (ours & reference).sum() / (ours | reference).sum() > 0.999
+    assert not (ours & ~valid_mask(xyz)).any()
+
+
+# Measured with the real code (seed 4 scene, seed 5 clutter, RANSAC seed 7; 1000 iterations): tilt error
+# 0.011° / 0.009° / 0.100° / 4.5° and plane removed 100% / 100% / 100% / 60% at 10 / 20 / 30 / 40% clutter.
+# One RANSAC iteration gives 2.7° (20%) and 5.6° with 24% of the plane removed (30%), so the bounds at 20% and
+# 30% catch a RANSAC that stops early. At 40% the fit breaks down (no 50-point sample is clean): the bounds
+# record that honestly rather than pretend.
+CLUTTER_BOUNDS = {0.1: (0.2, 0.995), 0.2: (0.2, 0.995), 0.3: (0.5, 0.995), 0.4: (8.0, 0.4)}
+
+
+@pytest.mark.parametrize("fraction", sorted(CLUTTER_BOUNDS))
+def test_plane_fit_accuracy_under_border_clutter(fraction: float) -> None:
+    max_tilt_deg, min_removed = CLUTTER_BOUNDS[fraction]
+    xyz, rgb, height_m, missing = tilted_scene(seed=4)  # the object stays clear of the 10-px border strips
+    rng = np.random.default_rng(5)
+    clutter = (rng.random(xyz.shape[:2]) < fraction) & ~missing  # debris 5-50 mm above the support
+    xyz[clutter, 2] -= rng.uniform(0.005, 0.05, clutter.sum()).astype(np.float32)
+    cfg = PreprocessConfig(seed=7)
+    plane = fit_border_plane(xyz, cfg)
+    truth = np.array([A, B, -1.0]) / np.linalg.norm([A, B, -1.0])
+    tilt_deg = np.degrees(np.arccos(min(1.0, abs(float(plane[:3] @ truth)))))
+    out_xyz, _ = remove_plane(xyz, rgb, plane, cfg)
+    clean_plane_px = (height_m == 0) & ~missing & ~clutter
+    removed = 1 - valid_mask(out_xyz)[clean_plane_px].mean()
+    assert tilt_deg < max_tilt_deg, (fraction, tilt_deg)
+    assert removed >= min_removed, (fraction, removed)

@@ -121,8 +121,10 @@ def test_prepare_scan_shapes_values_and_removal():
     # Only the box survives: 1/9 of a 400x300 frame padded to 400x400 -> ~1/12 of the grid.
     assert 0.06 < out.valid_hw.mean() < 0.1
     assert np.all(out.xyz_hwc_m[out.valid_hw][:, 2] < 0.393)  # box top <= 0.389 m, plane >= 0.396 m
-    # gt and xyz stay aligned through padding and resizing: every defect pixel lies on the box.
-    assert out.valid_hw[out.gt_ids_hw > 0].mean() > 0.95
+    # gt and xyz stay aligned through padding and resizing: defect pixels lie on the box. Not all of them:
+    # the mask is PIL-nearest resized (pixel centres) and xyz legacy-nearest (pixel corners), as in the
+    # original, so the mask sits up to half a source pixel off the cloud at the box edges.
+    assert out.valid_hw[out.gt_ids_hw > 0].mean() > 0.93
 
 
 def test_prepare_scan_rgb_input_size_and_largest_cluster():
@@ -200,3 +202,19 @@ def test_prepare_scan_rejects_all_zero_cloud():
     raw = scene(100, 100)
     with pytest.raises(InvalidCloudError):
         prepare_scan(RawScan(raw.rgb_hwc_u8, np.zeros_like(raw.xyz_hwc_m), None, "z"), PreprocessConfig())
+
+
+def test_masks_are_resized_with_pil_nearest_as_the_original_reads_them() -> None:
+    from PIL import Image
+
+    from core.preprocess import resize_mask, resize_nearest
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((800, 800), np.uint8)
+    for _ in range(6):
+        y, x, r = rng.integers(50, 750), rng.integers(50, 750), rng.integers(3, 12)
+        mask[y - r : y + r, x - r : x + r] = 255
+    expected = np.array(Image.fromarray(mask).resize((224, 224), Image.Resampling.NEAREST))
+    assert np.array_equal(resize_mask(mask, 224), expected)
+    # ... which is not what legacy nearest gives: the difference this fix is about.
+    assert (resize_nearest(mask, 224) != expected).sum() > 0
