@@ -21,7 +21,7 @@ from core.features import FeatureRunners, extract_features
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
 from core.model import BANKS, FrameScorer, FrameScores
 from core.preprocess import prepare_scan
-from core.scan import RawScan
+from core.scan import PatchFeatures, PreparedScan, RawScan
 from core.scoring import MemoryBank
 from edge.bundle import golden_map_sha256, load_banks, safe_extract, verify_bundle
 from edge.model_store import ModelInfo, load_array
@@ -45,8 +45,23 @@ class StationModel:
 
     def score_raw(self, raw: RawScan) -> FrameScores:
         """capture -> preprocess -> features -> scores, exactly as the station runs it."""
-        scan = prepare_scan(raw, self.info.preprocess)
-        return self.scorer.score(extract_features(scan, self.info.preset, self.runners))
+        return self.score_prepared(self.prepare(raw))
+
+    def prepare(self, raw: RawScan) -> PreparedScan:
+        """Stage 1 of `score_raw` (the station pipeline runs each stage on its own thread)."""
+        return prepare_scan(raw, self.info.preprocess)
+
+    def score_prepared(self, scan: PreparedScan) -> FrameScores:
+        """Stages 2 + 3 of `score_raw`: features (runner backend), then kNN scoring -> DLF."""
+        return self.score_features(self.features(scan))
+
+    def features(self, scan: PreparedScan) -> PatchFeatures:
+        """Stage 2 of `score_raw`: per-patch rgb and point features through the runner backend."""
+        return extract_features(scan, self.info.preset, self.runners)
+
+    def score_features(self, features: PatchFeatures) -> FrameScores:
+        """Stage 3 of `score_raw`: UFF, kNN scoring against the banks, DLF."""
+        return self.scorer.score(features)
 
 
 def info_from_manifest(root: Path, manifest: BundleManifest) -> ModelInfo:
