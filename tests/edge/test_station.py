@@ -184,3 +184,27 @@ def test_metrics_endpoint_serves_station_series(fleet_bundle: dict) -> None:
     assert 'm3dm_station_queue_depth{queue="after_capture"}' in text
     assert 'bundle_version="1.0.0"' in text and 'backend="onnxruntime-cpu"' in text
     assert "m3dm_station_fps" in text and "m3dm_station_e2e_latency_seconds_bucket" in text
+
+
+def test_edge_score_prints_json_results_torch_free(fleet_bundle: dict, station_env: dict) -> None:
+    from core.mvtec3d import read_rgb, read_xyz
+    from core.scan import RawScan
+    from edge.station_model import open_bundle
+
+    good = fleet_bundle["data"] / fleet_bundle["class_name"] / "test" / "good"
+    files = [good / "xyz" / "000.tiff", good / "rgb" / "001.png"]
+    cmd = [*M3DM, "edge", "score", *map(str, files), "--bundle", str(fleet_bundle["bundle"])]
+    cmd += ["--key", str(fleet_bundle["keys"]), "--json"]
+    proc = subprocess.run(cmd, env=station_env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)
+    assert [r["frame_id"] for r in results] == ["000", "001"]
+    model = open_bundle(fleet_bundle["bundle"], fleet_bundle["keys"])
+    raw = RawScan(read_rgb(good / "rgb" / "001.png"), read_xyz(good / "xyz" / "001.tiff"))
+    expected = model.score_raw(raw).image["rgb+point+fusion"]
+    assert results[1]["image_score"] == pytest.approx(expected, abs=1e-5)
+    assert results[1]["decision"] in ("OK", "NOK") and results[1]["bank_scores"].keys() == {
+        "rgb",
+        "point",
+        "fusion",
+    }
