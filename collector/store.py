@@ -262,6 +262,16 @@ class Store:
             stmt.on_conflict_do_update(index_elements=["station_id", "epoch"], set_={"upto_seq": higher})
         )
 
+    def acked_upto(self, station_id: str, epoch: int) -> int:
+        """Highest contiguous stored seq of (station, epoch) known to this process, else from the database."""
+        cached = self._epochs.get((station_id, epoch))
+        if cached is not None:
+            return cached.upto
+        c = t.station_epochs.c
+        q = sa.select(c.upto_seq).where(c.station_id == station_id, c.epoch == epoch)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
     def add_event(
         self,
         station_id: str,
@@ -508,6 +518,15 @@ class Store:
         q = q.order_by(c.decision_ts.desc()).limit(limit)
         with self.engine.connect() as conn:
             return [float(v) for v in conn.execute(q).scalars()]
+
+    def latest_threshold(self, station: str, bundle_id: str, variant: str) -> float | None:
+        """The decision threshold of a station's newest result of this bundle variant (None if unknown)."""
+        c = t.inspections.c
+        q = sa.select(c.threshold).where(
+            c.station_id == station, c.bundle_id == bundle_id, c.variant == variant, c.threshold.is_not(None)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(q.order_by(c.decision_ts.desc()).limit(1)).scalar()
 
     def set_drift_state(self, row: dict[str, Any], now: float | None = None) -> str | None:
         """Upsert a station's drift state; returns the previous state if it changed (else None).
