@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from edge.bundle import safe_extract
 from edge.station_model import open_bundle
+from protocol.curve import generate_keypair, load_keypair, load_public_key
 from protocol.errors import (
     ArchiveError,
     BundleError,
@@ -28,8 +38,12 @@ from protocol.errors import (
     RollbackError,
     SignatureError,
 )
+from protocol.frames import DEFAULT_LIMITS, decode, encode
 from protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, canonical_json, manifest_from_json
+from protocol.messages import Ack, Blob, ErrorReply, Heartbeat, InspectionResult
 from trainer.bundle import _load_private_key, keygen
+
+M3DM = [sys.executable, "-m", "m3dm"]
 
 
 def _copy(fleet_bundle: dict, dest: Path) -> Path:
@@ -134,6 +148,23 @@ def test_hostile_bundle_never_loads(hostile: dict, variant: str, form: str) -> N
         open_bundle(target, hostile["trusted_key"], backend="ort", min_counter=min_counter)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["tampered_bank", "tampered_threshold", "expired", "wrongly_signed"])
+def test_station_command_exits_nonzero_without_scoring(
+    hostile: dict, fleet_bundle: dict, variant: str, tmp_path: Path
+) -> None:
+    bundle_dir, error, _ = hostile["variants"][variant]
+    scans = fleet_bundle["data"] / fleet_bundle["class_name"]
+    cmd = [*M3DM, "edge", "run", "--bundle", str(bundle_dir), "--key", str(hostile["trusted_key"])]
+    cmd += ["--station-id", "victim", "--source", f"folder:{scans}", "--once", "--sink", "stdout:"]
+    cmd += ["--outbox", str(tmp_path / "outbox.sqlite"), "--backend", "ort"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"station not started: [{error.check}]" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not [line for line in done.stdout.splitlines() if line.startswith("{")], "a frame was scored"
+
+
 @pytest.mark.parametrize(
     "name",
     ["../evil.onnx", "onnx/../../evil.onnx", "/tmp/m3dm-evil.onnx"],
@@ -151,3 +182,325 @@ def test_path_traversal_tar_is_refused_and_writes_nothing_outside(
     assert not Path("/tmp/m3dm-evil.onnx").exists()
     with pytest.raises(ArchiveError):  # and the station loader takes the same path
         open_bundle(tar_path, fleet_bundle["keys"], backend="ort")
+
+
+# ------------------------------------------------------------------------------------------------ CURVE
+#
+# The collector (`m3dm collector serve`) and the registry (`m3dm deploy serve`) run as real processes; the
+# peers below are raw CURVE DEALER sockets, so each check watches the handshake itself (socket monitor)
+# and what the server answers, not a client library's interpretation of it.
+
+ENDPOINT = re.compile(r"tcp://127\.0\.0\.1:\d+")
+
+
+class Server:
+    """A server command as a process; `endpoint` is read from the first line that names one."""
+
+    def __init__(self, cmd: list[str], log: Path, timeout_s: float = 60.0) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=_env())
+        deadline = time.monotonic() + timeout_s
+        self.endpoint = ""
+        while not self.endpoint:
+            found = ENDPOINT.search(log.read_text(errors="replace"))
+            if found:
+                self.endpoint = found.group(0)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{cmd[:4]} did not start: {log.read_text(errors='replace')[-3000:]}")
+            else:
+                time.sleep(0.1)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._out.close()
+        return self.proc.returncode
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+class Peer:
+    """A CURVE DEALER with a socket monitor: what a station (or an attacker with a key) would open."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, keys_dir: Path, server_public: bytes) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        load_keypair(keys_dir).apply_client(self.sock, server_public)
+        self.monitor = self.sock.get_monitor_socket()
+        self.sock.connect(endpoint)
+
+    def handshake(self, timeout_s: float = 5.0) -> str:
+        """ "ok", "refused" (the server's ZAP said no) or "none" (nothing happened in time)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.monitor.poll(100):
+                event = recv_monitor_message(self.monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return "ok"
+                if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                    return "refused"
+        return "none"
+
+    def disconnected(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (
+                self.monitor.poll(100)
+                and recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED
+            ):
+                return True
+        return False
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=True)
+
+    def replies(self, timeout_s: float, until: Any = None) -> list[Any]:
+        """Every decoded reply within `timeout_s` (stops early once `until(reply)` is true)."""
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.sock.poll(50):
+                message, _ = decode(self.sock.recv_multipart(), Ack | ErrorReply | Heartbeat)
+                out.append(message)
+                if until is not None and until(message):
+                    break
+        return out
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+
+
+def _result(station: str, seq: int, epoch: int = 1) -> InspectionResult:
+    now = time.time()
+    return InspectionResult(
+        station_id=station,
+        epoch=epoch,
+        seq=seq,
+        frame_id=f"{station}-{seq}",
+        capture_ts=now,
+        decision_ts=now,
+        bundle_id="0" * 32,
+        bundle_version="1.0.0",
+        variant="rgb+point+fusion",
+        decision="OK",
+        image_score=0.1,
+        threshold=1.0,
+    )
+
+
+def _acked(seq: int) -> Any:
+    return lambda m: isinstance(m, Ack) and (m.upto_seq >= seq or seq in m.seqs)
+
+
+@pytest.fixture
+def curve_keys(tmp_path: Path) -> dict[str, Path]:
+    """Server keypairs (collector, registry), stations 'known' (allowed) and 'stranger' (never allowed)."""
+    keys = tmp_path / "keys"
+    allow = keys / "allow"
+    allow.mkdir(parents=True)
+    generate_keypair(keys / "collector", "collector")
+    generate_keypair(keys / "registry", "registry")
+    known, _ = generate_keypair(keys / "known", "known")
+    shutil.copy(known, allow / known.name)
+    generate_keypair(keys / "stranger", "stranger")
+    keygen(keys / "signing")
+    return {name: keys / name for name in ("collector", "registry", "known", "stranger", "allow", "signing")}
+
+
+def _collector(tmp_path: Path, keys: dict[str, Path]) -> Server:
+    cmd = [
+        *M3DM,
+        "collector",
+        "serve",
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--db",
+        f"sqlite:///{tmp_path / 'c.db'}",
+    ]
+    cmd += ["--curve-dir", str(keys["collector"]), "--allow", str(keys["allow"]), "--http", ""]
+    return Server(cmd, tmp_path / "collector.log")
+
+
+def _registry(tmp_path: Path, keys: dict[str, Path]) -> Server:
+    cmd = [*M3DM, "deploy", "serve", "--store", str(tmp_path / "store"), "--bind", "tcp://127.0.0.1:0"]
+    cmd += ["--db", f"sqlite:///{tmp_path / 'r.db'}", "--curve-dir", str(keys["registry"])]
+    cmd += ["--allow", str(keys["allow"]), "--signing-key", str(keys["signing"] / "bundle_signing.pub")]
+    return Server(cmd, tmp_path / "registry.log")
+
+
+SERVERS = {"collector": _collector, "registry": _registry}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", sorted(SERVERS))
+def test_unknown_key_is_refused_and_revocation_needs_no_restart(
+    role: str, tmp_path: Path, curve_keys: dict[str, Path]
+) -> None:
+    server = SERVERS[role](tmp_path, curve_keys)
+    ctx = zmq.Context()
+    peers: list[Peer] = []
+    try:
+        server_public = load_public_key(curve_keys[role])
+
+        def peer(name: str) -> Peer:
+            peers.append(Peer(ctx, server.endpoint, curve_keys[name], server_public))
+            return peers[-1]
+
+        assert peer("stranger").handshake() == "refused", f"{role} let an unknown key in"
+        assert peer("known").handshake() == "ok", f"{role} refused an allowed key"
+        for revoked in curve_keys["allow"].glob("known*.key"):
+            revoked.unlink()
+        deadline = time.monotonic() + 10
+        outcome = "ok"
+        while outcome == "ok" and time.monotonic() < deadline:  # the folder is polled, not watched
+            time.sleep(0.3)
+            outcome = peer("known").handshake()
+        assert outcome == "refused", f"{role} still accepts a revoked key"
+        assert server.alive(), f"{role} died: {server.log.read_text()[-2000:]}"
+    finally:
+        for p in peers:
+            p.close()
+        ctx.term()
+        server.stop()
+
+
+def _stored(tmp_path: Path) -> set[tuple[str, int, int]]:
+    from collector.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}", migrate=False)
+    try:
+        return {tuple(row) for row in store.identities()}
+    finally:
+        store.close()
+
+
+@pytest.mark.integration
+def test_collector_stops_taking_results_from_a_revoked_key_on_an_open_connection(
+    tmp_path: Path, curve_keys: dict[str, Path]
+) -> None:
+    server = _collector(tmp_path, curve_keys)
+    ctx = zmq.Context()
+    peers: list[Peer] = []
+    try:
+        public = load_public_key(curve_keys["collector"])
+        station = Peer(ctx, server.endpoint, curve_keys["known"], public)
+        peers.append(station)
+        assert station.handshake() == "ok"
+        station.send(encode(_result("known", 1)))
+        assert any(_acked(1)(m) for m in station.replies(10, until=_acked(1))), "control result not acked"
+        for revoked in curve_keys["allow"].glob("known*.key"):
+            revoked.unlink()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # revoked once a new connection with that key is refused
+            probe = Peer(ctx, server.endpoint, curve_keys["known"], public)
+            peers.append(probe)
+            if probe.handshake() == "refused":
+                break
+            time.sleep(0.3)
+        time.sleep(0.5)  # the ingest loop re-reads the allow-list at most every 0.2 s
+        station.send(encode(_result("known", 2)))  # the same, already authenticated connection
+        replies = station.replies(5, until=lambda m: isinstance(m, ErrorReply))
+        assert [m.code for m in replies if isinstance(m, ErrorReply)] == ["not_allowed"]
+        assert not any(_acked(2)(m) for m in replies)
+        assert server.alive()
+    finally:
+        for p in peers:
+            p.close()
+        ctx.term()
+        server.stop()
+    assert _stored(tmp_path) == {("known", 1, 1)}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("role", sorted(SERVERS))
+def test_a_frame_over_maxmsgsize_is_dropped_at_the_socket(
+    role: str, tmp_path: Path, curve_keys: dict[str, Path]
+) -> None:
+    """17 MiB in one frame: libzmq on the server cuts the connection before buffering it (MAXMSGSIZE)."""
+    server = SERVERS[role](tmp_path, curve_keys)
+    ctx = zmq.Context()
+    peer = None
+    try:
+        peer = Peer(ctx, server.endpoint, curve_keys["known"], load_public_key(curve_keys[role]))
+        assert peer.handshake() == "ok"
+        header = encode(_result("known", 1))[0]
+        peer.send([header, b"\0" * (DEFAULT_LIMITS.max_total_bytes + 1024 * 1024)])
+        assert peer.disconnected(10), f"{role} kept a connection that sent an oversized frame"
+        assert server.alive(), f"{role} died: {server.log.read_text()[-2000:]}"
+        if role == "collector":  # and it goes on serving: the reconnected peer's next result is stored
+            assert peer.handshake() == "ok"
+            peer.send(encode(_result("known", 1)))
+            assert any(_acked(1)(m) for m in peer.replies(10, until=_acked(1)))
+    finally:
+        if peer is not None:
+            peer.close()
+        ctx.term()
+        server.stop()
+    if role == "collector":
+        assert _stored(tmp_path) == {("known", 1, 1)}
+
+
+@pytest.mark.integration
+def test_collector_decoder_refuses_oversized_and_malformed_messages_and_keeps_serving(
+    tmp_path: Path, curve_keys: dict[str, Path]
+) -> None:
+    """Under MAXMSGSIZE but over the decoder's limits (blob, header, frame count), or not a message."""
+    server = _collector(tmp_path, curve_keys)
+    ctx = zmq.Context()
+    peer = None
+    big_header = msgspec.structs.replace(_result("known", 2), labels={"junk": "x" * (70 * 1024)})
+    blob = Blob(frame=1, codec="jpeg", size_bytes=9 * 1024 * 1024)
+    hostile = {
+        "blob over 8 MiB": encode(
+            msgspec.structs.replace(_result("known", 3), thumbnail=blob), [b"\0" * blob.size_bytes]
+        ),
+        "header over 64 KiB": encode(big_header),
+        "9 frames": [*encode(_result("known", 4)), *([b"x"] * 8)],
+        "not msgpack": [b"\xc1\xff garbage"],
+        "unknown version": [msgspec.msgpack.encode({"type": "result", "v": 99})],
+        "unknown type": [msgspec.msgpack.encode({"type": "shell", "v": 1, "cmd": "rm -rf /"})],
+        "blob reference to a missing frame": encode(
+            msgspec.structs.replace(_result("known", 5), thumbnail=Blob(frame=1, codec="jpeg", size_bytes=4))
+        ),
+    }
+    codes = {}
+    try:
+        peer = Peer(ctx, server.endpoint, curve_keys["known"], load_public_key(curve_keys["collector"]))
+        assert peer.handshake() == "ok"
+        for name, frames in hostile.items():
+            peer.send(frames)
+            replies = peer.replies(5, until=lambda m: isinstance(m, ErrorReply))
+            codes[name] = [m.code for m in replies if isinstance(m, ErrorReply)]
+        peer.send(encode(_result("known", 1)))
+        acked = any(_acked(1)(m) for m in peer.replies(10, until=_acked(1)))
+        assert server.alive()
+    finally:
+        if peer is not None:
+            peer.close()
+        ctx.term()
+        server.stop()
+    assert codes == {
+        "blob over 8 MiB": ["too_large"],
+        "header over 64 KiB": ["too_large"],
+        "9 frames": ["too_large"],
+        "not msgpack": ["bad_message"],
+        "unknown version": ["unsupported_version"],
+        "unknown type": ["bad_message"],
+        "blob reference to a missing frame": ["bad_message"],
+    }
+    assert acked, "the collector must go on acking good results after refusing bad ones"
+    assert _stored(tmp_path) == {("known", 1, 1)}
