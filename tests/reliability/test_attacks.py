@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import shutil
-import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -25,6 +21,8 @@ from typing import Any
 import msgspec
 import pytest
 import zmq
+from reliability import servers
+from reliability.servers import Server
 from zmq.utils.monitor import recv_monitor_message
 
 from edge.bundle import safe_extract
@@ -43,7 +41,7 @@ from protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, canonical_json, man
 from protocol.messages import Ack, Blob, ErrorReply, Heartbeat, InspectionResult
 from trainer.bundle import _load_private_key, keygen
 
-M3DM = [sys.executable, "-m", "m3dm"]
+M3DM = servers.M3DM
 
 
 def _copy(fleet_bundle: dict, dest: Path) -> Path:
@@ -158,7 +156,7 @@ def test_station_command_exits_nonzero_without_scoring(
     cmd = [*M3DM, "edge", "run", "--bundle", str(bundle_dir), "--key", str(hostile["trusted_key"])]
     cmd += ["--station-id", "victim", "--source", f"folder:{scans}", "--once", "--sink", "stdout:"]
     cmd += ["--outbox", str(tmp_path / "outbox.sqlite"), "--backend", "ort"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=servers.env())
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"station not started: [{error.check}]" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
@@ -189,46 +187,6 @@ def test_path_traversal_tar_is_refused_and_writes_nothing_outside(
 # The collector (`m3dm collector serve`) and the registry (`m3dm deploy serve`) run as real processes; the
 # peers below are raw CURVE DEALER sockets, so each check watches the handshake itself (socket monitor)
 # and what the server answers, not a client library's interpretation of it.
-
-ENDPOINT = re.compile(r"tcp://127\.0\.0\.1:\d+")
-
-
-class Server:
-    """A server command as a process; `endpoint` is read from the first line that names one."""
-
-    def __init__(self, cmd: list[str], log: Path, timeout_s: float = 60.0) -> None:
-        self.log = log
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=_env())
-        deadline = time.monotonic() + timeout_s
-        self.endpoint = ""
-        while not self.endpoint:
-            found = ENDPOINT.search(log.read_text(errors="replace"))
-            if found:
-                self.endpoint = found.group(0)
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{cmd[:4]} did not start: {log.read_text(errors='replace')[-3000:]}")
-            else:
-                time.sleep(0.1)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._out.close()
-        return self.proc.returncode
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
 class Peer:
@@ -322,24 +280,11 @@ def curve_keys(tmp_path: Path) -> dict[str, Path]:
 
 
 def _collector(tmp_path: Path, keys: dict[str, Path]) -> Server:
-    cmd = [
-        *M3DM,
-        "collector",
-        "serve",
-        "--bind",
-        "tcp://127.0.0.1:0",
-        "--db",
-        f"sqlite:///{tmp_path / 'c.db'}",
-    ]
-    cmd += ["--curve-dir", str(keys["collector"]), "--allow", str(keys["allow"]), "--http", ""]
-    return Server(cmd, tmp_path / "collector.log")
+    return servers.collector(tmp_path, keys["collector"], keys["allow"])
 
 
 def _registry(tmp_path: Path, keys: dict[str, Path]) -> Server:
-    cmd = [*M3DM, "deploy", "serve", "--store", str(tmp_path / "store"), "--bind", "tcp://127.0.0.1:0"]
-    cmd += ["--db", f"sqlite:///{tmp_path / 'r.db'}", "--curve-dir", str(keys["registry"])]
-    cmd += ["--allow", str(keys["allow"]), "--signing-key", str(keys["signing"] / "bundle_signing.pub")]
-    return Server(cmd, tmp_path / "registry.log")
+    return servers.registry(tmp_path, keys["registry"], keys["allow"], keys["signing"] / "bundle_signing.pub")
 
 
 SERVERS = {"collector": _collector, "registry": _registry}
@@ -378,16 +323,6 @@ def test_unknown_key_is_refused_and_revocation_needs_no_restart(
         server.stop()
 
 
-def _stored(tmp_path: Path) -> set[tuple[str, int, int]]:
-    from collector.store import Store
-
-    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}", migrate=False)
-    try:
-        return {tuple(row) for row in store.identities()}
-    finally:
-        store.close()
-
-
 @pytest.mark.integration
 def test_collector_stops_taking_results_from_a_revoked_key_on_an_open_connection(
     tmp_path: Path, curve_keys: dict[str, Path]
@@ -422,7 +357,7 @@ def test_collector_stops_taking_results_from_a_revoked_key_on_an_open_connection
             p.close()
         ctx.term()
         server.stop()
-    assert _stored(tmp_path) == {("known", 1, 1)}
+    assert servers.stored_identities(tmp_path) == {("known", 1, 1)}
 
 
 @pytest.mark.integration
@@ -451,7 +386,7 @@ def test_a_frame_over_maxmsgsize_is_dropped_at_the_socket(
         ctx.term()
         server.stop()
     if role == "collector":
-        assert _stored(tmp_path) == {("known", 1, 1)}
+        assert servers.stored_identities(tmp_path) == {("known", 1, 1)}
 
 
 @pytest.mark.integration
@@ -503,4 +438,4 @@ def test_collector_decoder_refuses_oversized_and_malformed_messages_and_keeps_se
         "blob reference to a missing frame": ["bad_message"],
     }
     assert acked, "the collector must go on acking good results after refusing bad ones"
-    assert _stored(tmp_path) == {("known", 1, 1)}
+    assert servers.stored_identities(tmp_path) == {("known", 1, 1)}
