@@ -62,7 +62,10 @@ def _handshake(monitor, timeout_s: float = 5.0) -> int:
 
 
 def _delivered(sock, router, ts: float) -> bool:
-    sock.send_multipart(encode(Heartbeat(sender="c", epoch=1, ts=ts)))
+    try:
+        sock.send_multipart(encode(Heartbeat(sender="c", epoch=1, ts=ts)), zmq.NOBLOCK)
+    except zmq.Again:
+        return False  # no authenticated connection to queue it on
     if not router.poll(500):
         return False
     return decode(router.recv_multipart()[1:], Heartbeat)[0].ts == ts
