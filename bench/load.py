@@ -208,6 +208,8 @@ def _start_collector(kind: str, work: Path, keys: dict[str, Path], port: int) ->
             str(keys["collector"]),
             "--allow",
             str(keys["allow"]),
+            "--http",
+            "",
         ]
     else:
         db_url = str(work / "ack.db")
