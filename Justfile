@@ -32,3 +32,8 @@ fmt:
 # Heavy measurements (not part of the timed test suite); results go to BENCHMARKS.md by hand
 bench:
     {{py}} bench/run_all.py
+
+# Reliability suite in full: faults, attacks, bad input, >= 100k fuzz cases per parser, 16 x 20 fps x 5 min
+# fleet load (under 30 min; figures in test-artifacts/, quoted in RELIABILITY.md). `just reliability --quick`
+reliability *args:
+    {{py}} bench/reliability.py {{args}}

@@ -1,0 +1,118 @@
+"""`just reliability`: the whole fault / attack / bad-input / fuzz suite, then the fleet load bench.
+
+    python bench/reliability.py [--quick] [--out test-artifacts]
+
+Steps, each timed, each one's output kept under --out:
+  1. pytest over every reliability-related test file (faults with real processes, attacks, bad input,
+     protocol and manifest properties, bundle verification, the no-pickle scan), JUnit XML in
+     reliability-junit.xml;
+  2. bench/fuzz_manifest.py and bench/fuzz_protocol.py (when present), >= 100k hypothesis cases each;
+  3. bench/load.py, 16 stations x 20 fps x 300 s with maps for NOK parts, into `m3dm collector serve`.
+--quick shrinks steps 2 and 3 (10k cases; 8 x 10 fps x 60 s) for a machine someone else is using.
+The summary (step, seconds, exit code, settings) goes to reliability_summary.json; RELIABILITY.md quotes the
+figures. Exit 0 only when every step passed. Budget: under 30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEST_PATHS = [
+    "tests/reliability",
+    "tests/protocol",
+    "tests/bench",
+    "tests/architecture/test_no_pickle.py",
+    "tests/trainer/test_synth_corrupt.py",
+    "tests/edge/test_bundle.py",
+    "tests/edge/test_station.py",
+    "tests/edge/test_pipeline.py",
+    "tests/collector/test_service.py",
+    "tests/collector/test_restart.py",
+    "tests/deploy/test_registry.py",
+    "tests/deploy/test_fleet.py",
+]
+
+
+def _step(name: str, cmd: list[str], log: Path, summary: list[dict], **settings: object) -> int:
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    with log.open("wb") as out:
+        code = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode
+    seconds = round(time.monotonic() - start, 1)
+    summary.append({"step": name, "seconds": seconds, "exit": code, "log": str(log), **settings})
+    print(f"   {'ok' if code == 0 else 'FAILED'} in {seconds} s (log {log})", flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller fuzz and load runs")
+    parser.add_argument("--out", type=Path, default=REPO / "test-artifacts")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    cases = 10_000 if args.quick else 100_000
+    load = ["--stations", "8", "--fps", "10", "--seconds", "60"] if args.quick else []
+    load = load or ["--stations", "16", "--fps", "20", "--seconds", "300"]
+    summary: list[dict] = []
+    started = time.monotonic()
+    tests = [p for p in TEST_PATHS if (REPO / p).exists()]
+    junit = out / "reliability-junit.xml"
+    _step(
+        "pytest",
+        [py, "-m", "pytest", "-q", "-rA", f"--junitxml={junit}", *tests],
+        out / "pytest.log",
+        summary,
+    )
+    _step(
+        "fuzz_manifest",
+        [py, "bench/fuzz_manifest.py", "--cases", str(cases), "--json-out", str(out / "fuzz_manifest.json")],
+        out / "fuzz_manifest.log",
+        summary,
+        cases=cases,
+    )
+    if (REPO / "bench" / "fuzz_protocol.py").exists():
+        _step(
+            "fuzz_protocol",
+            [
+                py,
+                "bench/fuzz_protocol.py",
+                "--cases",
+                str(cases),
+                "--json-out",
+                str(out / "fuzz_protocol.json"),
+            ],
+            out / "fuzz_protocol.log",
+            summary,
+            cases=cases,
+        )
+    _step(
+        "load",
+        [py, "bench/load.py", *load, "--json-out", str(out / "load.json")],
+        out / "load.log",
+        summary,
+        args=" ".join(load),
+    )
+    total = round(time.monotonic() - started, 1)
+    report = {"quick": args.quick, "total_s": total, "loadavg": os.getloadavg(), "steps": summary}
+    (out / "reliability_summary.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    failed = [s["step"] for s in summary if s["exit"] != 0]
+    print(f"reliability: {len(summary) - len(failed)}/{len(summary)} steps passed in {total} s", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
