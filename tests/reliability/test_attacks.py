@@ -22,6 +22,7 @@ import msgspec
 import pytest
 import zmq
 from reliability import servers
+from reliability.figures import record
 from reliability.servers import Server
 from zmq.utils.monitor import recv_monitor_message
 
@@ -309,13 +310,19 @@ def test_unknown_key_is_refused_and_revocation_needs_no_restart(
         assert peer("known").handshake() == "ok", f"{role} refused an allowed key"
         for revoked in curve_keys["allow"].glob("known*.key"):
             revoked.unlink()
-        deadline = time.monotonic() + 10
+        revoked_at = time.monotonic()
+        deadline = revoked_at + 10
         outcome = "ok"
         while outcome == "ok" and time.monotonic() < deadline:  # the folder is polled, not watched
             time.sleep(0.3)
             outcome = peer("known").handshake()
         assert outcome == "refused", f"{role} still accepts a revoked key"
         assert server.alive(), f"{role} died: {server.log.read_text()[-2000:]}"
+        record(
+            f"curve_{role}",
+            unknown_key="refused",
+            revoked_refused_after_s=round(time.monotonic() - revoked_at, 1),
+        )
     finally:
         for p in peers:
             p.close()
@@ -439,3 +446,4 @@ def test_collector_decoder_refuses_oversized_and_malformed_messages_and_keeps_se
     }
     assert acked, "the collector must go on acking good results after refusing bad ones"
     assert servers.stored_identities(tmp_path) == {("known", 1, 1)}
+    record("collector_decoder_refusals", **{name: c[0] for name, c in codes.items()}, stored_after=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from reliability import servers
+from reliability.figures import record
 from reliability.harness import make_keys
 
 from trainer.synth.corrupt import write_corrupt_set
@@ -23,7 +24,6 @@ from trainer.synth.corrupt import write_corrupt_set
 pytestmark = pytest.mark.integration
 
 M3DM = servers.M3DM
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +137,13 @@ def test_station_streams_the_corrupt_set_and_keeps_running(
     lines = [json.loads(x) for x in (tmp_path / "station.out").read_text().splitlines() if x.startswith("{")]
     sink = {line["frame_id"]: line["decision"] for line in lines}
     assert all(sink.get(r["frame_id"]) == r["decision"] for r in rows), "the line saw another decision"
-    stats = {
-        "frames_per_pass": len(frames),
-        "bad_per_pass": expected["counts"]["bad"],
-        "results_stored": len(rows),
-        "errors": sum(1 for r in rows if r["decision"] == "ERROR"),
-        "scored": sum(1 for r in rows if r["decision"] in ("OK", "NOK")),
-        "station_exit": code,
-    }
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "reliability_bad_input.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print("bad input:", stats)
+    record(
+        "bad_input_station",
+        frames_per_pass=len(frames),
+        bad_per_pass=expected["counts"]["bad"],
+        results_stored=len(rows),
+        errors=sum(1 for r in rows if r["decision"] == "ERROR"),
+        scored=sum(1 for r in rows if r["decision"] in ("OK", "NOK")),
+        cases_seen_at_least_twice=len(passes),
+        station_exit=code,
+    )
