@@ -8,6 +8,7 @@ without it; under CI (`CI` set) a missing URL is a failure, never a skip.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 PG_ENV = "M3DM_TEST_PG_URL"
+# collector_procs.py (process and client helpers) sits next to this file; test modules import it by name
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pg_base_url() -> str | None:
