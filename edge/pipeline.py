@@ -262,8 +262,10 @@ class Pipeline:
     def _decide(self) -> None:
         while (work := self.queues[-1].get()) is not _END:
             try:
+                self._emit(work)  # the line's decision first; shadow scoring must not delay it
                 self._maybe_shadow(work)
-                self._emit(work)
+                if work.shadow is not None:
+                    self._emit_shadow(work)
             except Exception:  # building or emitting one result failed: log it, keep the line running
                 log.exception("frame %s: could not build or hand over its result", work.frame.frame_id)
         self.finished.set()
@@ -297,14 +299,13 @@ class Pipeline:
             scored = Scored(error_result(frame, state, reason, path, dict(lat), self.opts), [])
         self.metrics.record(scored.result.decision, scored.result.latency_ms)
         self.emit(scored)
-        if work.shadow is not None:
-            self._emit_shadow(work)
 
     def _maybe_shadow(self, work: Work) -> None:
         """Score 1 in n frames also with the shadow model (same raw scan, its own preprocessing).
 
-        Runs on the decide thread after the active model scored, so the shadow never delays the
-        active model's stages; its results carry shadow=True and never drive the reject gate.
+        Runs on the decide thread after the active model's result went out, so the shadow never delays
+        a decision (only, when sampled often, the next ones); its results carry shadow=True and never
+        drive the reject gate.
         """
         state = work.state
         self._frame_count += 1
