@@ -2,6 +2,12 @@
 
 Both the trainer's evaluation and the station call `FrameScorer.score`. UFF runs through a `Runner`
 ("uff"), kNN scoring through `core.scoring`, decision-layer fusion through `core.fusion`. numpy only.
+
+UFF is per patch and per modality (fused = concat(point_mlp(point), rgb_mlp(rgb)), no cross-patch or
+cross-modal operation, trainer/models/uff.py), so the scorer runs it only on what differs: the point branch
+on foreground patches (a background patch's point feature is exactly zero and maps to the constant
+`uff_zero_point`, computed once at construction) and the rgb branch once per rgb token (the 2x-upsampled
+fusion grid repeats each token 4 times). Both halves go through one call of the exported graph.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from core.errors import ConfigError, ShapeError
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
 from core.runner import Runner
 from core.scan import PatchFeatures
-from core.scoring import MemoryBank, score_bank
+from core.scoring import KnownPrefix, KnownRows, MemoryBank, score_bank
 
 __all__ = [
     "BANKS",
@@ -73,6 +79,21 @@ def upsample_nearest(feats_hwc: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(feats_hwc, factor, axis=0), factor, axis=1)
 
 
+def _token_of_patch(grid: int, factor: int) -> np.ndarray:
+    """(grid²,) int64: index of the rgb token (on the grid/factor grid) under each fusion patch."""
+    rows = np.arange(grid) // factor
+    return (rows[:, None] * (grid // factor) + rows[None, :]).reshape(-1)
+
+
+def _fixed_patch_count(uff: Runner | None) -> int | None:
+    """The patch axis length of a UFF graph exported with a fixed one (older bundles), else None."""
+    shapes = getattr(uff, "input_shapes", None)
+    if not shapes or "point_feats" not in shapes:
+        return None
+    patches = shapes["point_feats"][1]
+    return int(patches) if isinstance(patches, int) else None
+
+
 class FrameScorer:
     """Scores PatchFeatures against the rgb/point/fusion banks and fuses them into the five variants."""
 
@@ -83,8 +104,12 @@ class FrameScorer:
         normaliser: ScoreNormaliser | None,
         uff: Runner | None,
         score_cfg: ScoreConfig,
+        skip_background: bool = True,
     ) -> None:
-        """dlf=None gives a scorer that only computes bank_scores (the trainer before DLF fitting)."""
+        """dlf=None gives a scorer that only computes bank_scores (the trainer before DLF fitting).
+
+        skip_background=False runs UFF and every bank's search on all patches (the reference path).
+        """
         missing = [b for b in BANKS if b not in banks] + [
             v for v in COMBINATIONS if dlf is not None and v not in dlf
         ]
@@ -100,40 +125,101 @@ class FrameScorer:
         self.normaliser = normaliser
         self.uff = uff
         self.score_cfg = score_cfg
+        self.skip_background = skip_background
+        self._fixed_patches = _fixed_patch_count(uff)
+        point_dim = self.banks["point"].dim
+        # The point half of a background patch's fused feature: UFF of a zero point feature (once, here).
+        self.uff_zero_point = (
+            np.zeros(point_dim, np.float32) if uff is None else self._uff_point_of_zero(point_dim)
+        )
+        self._fusion_prefix: KnownPrefix | None = None
+
+    def _uff_point_of_zero(self, point_dim: int) -> np.ndarray:
+        rgb_dim = self.banks["rgb"].dim
+        rows = self._fixed_patches or 1
+        out = self._run_uff(np.zeros((rows, point_dim), np.float32), np.zeros((rows, rgb_dim), np.float32))
+        return np.ascontiguousarray(out[0, :point_dim])
+
+    def _run_uff(self, point_lc: np.ndarray, rgb_lc: np.ndarray) -> np.ndarray:
+        """UFF on (L, Cp) and (L, Cr) rows (zero-padded to a fixed patch count if the graph has one)."""
+        rows = point_lc.shape[0]
+        if self._fixed_patches is not None and rows < self._fixed_patches:
+            pad = self._fixed_patches - rows
+            point_lc = np.concatenate([point_lc, np.zeros((pad, point_lc.shape[1]), np.float32)])
+            rgb_lc = np.concatenate([rgb_lc, np.zeros((pad, rgb_lc.shape[1]), np.float32)])
+        out_dim = point_lc.shape[1] + rgb_lc.shape[1]
+        outputs = self.uff.run(
+            {"point_feats": point_lc[None], "rgb_feats": np.ascontiguousarray(rgb_lc[None])}
+        )
+        fused = np.asarray(outputs["fused"], dtype=np.float32)
+        if fused.shape != (1, point_lc.shape[0], out_dim):
+            raise ShapeError(
+                f"uff runner returned {fused.shape}, expected (1, {point_lc.shape[0]}, {out_dim})"
+            )
+        return fused[0, :rows]
+
+    def fusion_prefix(self) -> KnownPrefix:
+        """The fusion bank's search state for the constant point half of background patches (cached)."""
+        if self._fusion_prefix is None:
+            self._fusion_prefix = self.banks["fusion"].known_prefix(self.uff_zero_point)
+        return self._fusion_prefix
 
     def fused_features(self, features: PatchFeatures) -> np.ndarray:
         """(g, g, Cp+Cr) float32 fusion-bank features: UFF(point, 2x-duplicated rgb), or their concatenation.
 
         Without a UFF runner the fused feature is concat(point, rgb), M3DM's dead-code branch (spec §7).
         """
+        return self._fused_and_background(features)[0]
+
+    def _fused_and_background(self, features: PatchFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fused (g, g, C) features, background row indices (K,) and their rgb token ids (K,)."""
         point = np.asarray(features.point_hwc, dtype=np.float32)
         rgb = np.asarray(features.rgb_hwc, dtype=np.float32)
         grid = point.shape[0]
         if point.ndim != 3 or rgb.ndim != 3 or point.shape[1] != grid or grid % rgb.shape[0]:
             raise ShapeError(f"point {point.shape} / rgb {rgb.shape} grids are not aligned")
-        rgb_up = upsample_nearest(rgb, grid // rgb.shape[0])
+        factor = grid // rgb.shape[0]
+        token_n = _token_of_patch(grid, factor)
+        point_nc = point.reshape(grid * grid, point.shape[-1])
+        background = np.flatnonzero(~point_nc.any(axis=1))
         if self.uff is None:
-            return np.concatenate([point, rgb_up], axis=-1)
-        out_dim = point.shape[-1] + rgb.shape[-1]
-        outputs = self.uff.run(
-            {
-                "point_feats": point.reshape(1, grid * grid, point.shape[-1]),
-                "rgb_feats": np.ascontiguousarray(rgb_up.reshape(1, grid * grid, rgb.shape[-1])),
-            }
-        )
-        fused = np.asarray(outputs["fused"], dtype=np.float32)
-        if fused.shape != (1, grid * grid, out_dim):
-            raise ShapeError(f"uff runner returned {fused.shape}, expected (1, {grid * grid}, {out_dim})")
-        return fused.reshape(grid, grid, out_dim)
+            rgb_up = upsample_nearest(rgb, factor)
+            return np.concatenate([point, rgb_up], axis=-1), background, token_n[background]
+        if not self.skip_background:
+            rgb_up = upsample_nearest(rgb, factor).reshape(grid * grid, rgb.shape[-1])
+            return self._run_uff(point_nc, rgb_up).reshape(grid, grid, -1), background, token_n[background]
+        tokens_tc = rgb.reshape(-1, rgb.shape[-1])
+        foreground = np.flatnonzero(point_nc.any(axis=1))
+        rows = max(foreground.size, tokens_tc.shape[0])
+        # Row j of one call carries foreground patch j's point feature and rgb token j: the two halves
+        # of the output are independent, so each is read back for its own rows.
+        point_in = np.zeros((rows, point_nc.shape[1]), np.float32)
+        point_in[: foreground.size] = point_nc[foreground]
+        rgb_in = np.zeros((rows, tokens_tc.shape[1]), np.float32)
+        rgb_in[: tokens_tc.shape[0]] = tokens_tc
+        out = self._run_uff(point_in, rgb_in)
+        cp = point_nc.shape[1]
+        fused = np.empty((grid * grid, out.shape[1]), np.float32)
+        fused[:, :cp] = self.uff_zero_point
+        fused[foreground, :cp] = out[: foreground.size, :cp]
+        fused[:, cp:] = out[token_n, cp:]
+        return fused.reshape(grid, grid, -1), background, token_n[background]
 
     def bank_scores(self, features: PatchFeatures) -> tuple[np.ndarray, np.ndarray]:
         """Raw per-bank scores [rgb, point, fusion]: bank_image (3,) float32, bank_maps (3, S, S) float32."""
+        fused, background, tokens = self._fused_and_background(features)
+        fusion_known = None
+        if self.skip_background and background.size:
+            fusion_known = KnownRows(background, self.fusion_prefix(), tokens)
         queries = {
-            "rgb": np.asarray(features.rgb_hwc, dtype=np.float32),
-            "point": np.asarray(features.point_hwc, dtype=np.float32),
-            "fusion": self.fused_features(features),
+            "rgb": (np.asarray(features.rgb_hwc, dtype=np.float32), None),
+            "point": (np.asarray(features.point_hwc, dtype=np.float32), None),
+            "fusion": (fused, fusion_known),
         }
-        results = [score_bank(queries[name], self.banks[name], self.score_cfg) for name in BANKS]
+        results = [
+            score_bank(q, self.banks[name], self.score_cfg, known, self.skip_background)
+            for name, (q, known) in queries.items()
+        ]
         bank_image = np.array([r.image_score for r in results], dtype=np.float32)
         bank_maps = np.stack([r.map_hw for r in results]).astype(np.float32, copy=False)
         return bank_image, bank_maps

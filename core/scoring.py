@@ -1,12 +1,20 @@
-"""Memory-bank scoring on the station (spec §6): exact kNN, PatchCore reweighting, map upsampling and blur.
+"""Memory-bank scoring on the station (spec §6): kNN, PatchCore reweighting, map upsampling and blur.
 
 Sits between feature extraction and decision-layer fusion: `score_bank` turns one bank's patch grid into an
 image score and a (224, 224) anomaly map. numpy + scipy only, float32, vectorised BLAS.
+
+Background skip (exact): a background patch has no valid points, so its point feature is an exact zero
+vector and its normalised query is the constant -mean/scale. Its nearest bank row is computed once per bank
+(`MemoryBank.zero_query`), not per frame. A fusion query of a background patch has a constant point half
+(UFF maps the zero point feature to a fixed output), so only its rgb half is searched, once per distinct rgb
+token (`KnownRows`); the constant half's distances to every bank row are precomputed (`KnownPrefix`).
+An optional approximate index (`MemoryBank.index`, see `core.ann`) replaces the exact search of the rest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -16,14 +24,57 @@ from core.errors import ConfigError, InputError, ShapeError
 
 __all__ = [
     "BankScore",
+    "KnownPrefix",
+    "KnownRows",
     "MemoryBank",
+    "NeighbourIndex",
     "gaussian_blur",
     "nearest_neighbours",
+    "nearest_per_patch",
     "normalise_features",
     "reweighted_image_score",
     "score_bank",
+    "search_bank",
     "upsample_bilinear",
 ]
+
+
+class NeighbourIndex(Protocol):
+    """An approximate nearest-neighbour index over a bank's normalised rows (e.g. `core.ann.FaissIndex`)."""
+
+    kind: str
+
+    def search(self, query_nc: np.ndarray) -> np.ndarray:
+        """(N, C) float32 normalised queries -> (N,) int64 row of the (approximately) nearest bank row."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class KnownPrefix:
+    """Search state of queries whose first `dims` normalised channels equal `value_d`, built once per bank.
+
+    partial_m: (M,) float32 ||value - b[:dims]||² + ||b[dims:]||², so ranking a query needs only
+    -2 q[dims:]·b[dims:]. nn_dist / nn_idx: the nearest bank row when the prefix is the whole query.
+    """
+
+    dims: int
+    value_d: np.ndarray
+    partial_m: np.ndarray
+    nn_dist: float
+    nn_idx: int
+
+
+@dataclass(frozen=True)
+class KnownRows:
+    """Query rows (indices into the g·g grid) whose normalised prefix is `prefix.value_d`.
+
+    group_n: (K,) ids; rows with the same id have identical queries (e.g. the same rgb token under a
+    2x-upsampled fusion grid), so each group is searched once. None: every row is its own group.
+    """
+
+    rows_n: np.ndarray
+    prefix: KnownPrefix
+    group_n: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +94,9 @@ class MemoryBank:
     grid: int
     feat_mean_c: np.ndarray
     feat_scale: float | np.ndarray
+    index: NeighbourIndex | None = field(default=None, repr=False)
     sq_norms_m: np.ndarray = field(init=False, repr=False)
+    zero_query: KnownPrefix = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         feats = np.ascontiguousarray(self.feats_mc, dtype=np.float32)
@@ -65,10 +118,38 @@ class MemoryBank:
         object.__setattr__(self, "feat_mean_c", mean)
         object.__setattr__(self, "feat_scale", float(scale) if scale.ndim == 0 else scale)
         object.__setattr__(self, "sq_norms_m", np.einsum("mc,mc->m", feats, feats))
+        # A background patch's raw feature is exactly zero; its search result is fixed for this bank.
+        object.__setattr__(self, "zero_query", self.known_prefix(np.zeros(feats.shape[1], np.float32)))
 
     @property
     def dim(self) -> int:
         return int(self.feats_mc.shape[1])
+
+    def known_prefix(self, raw_prefix_d: np.ndarray) -> KnownPrefix:
+        """Precompute the search of queries whose first D raw channels are `raw_prefix_d` (D <= C).
+
+        Normalised with the same float32 operations as `normalise_features`, so the constant is bit-equal
+        to what a full per-frame computation would produce for that prefix.
+        """
+        raw = np.asarray(raw_prefix_d, dtype=np.float32).reshape(-1)
+        dims = raw.shape[0]
+        if not 0 < dims <= self.dim or not np.isfinite(raw).all():
+            raise ShapeError(
+                f"known prefix must be finite with 1..{self.dim} channels, got {dims}", self.name
+            )
+        scale = np.broadcast_to(np.asarray(self.feat_scale, np.float32), (self.dim,))
+        value = ((raw - self.feat_mean_c[:dims]) / scale[:dims]).astype(np.float32, copy=False)
+        head = self.feats_mc[:, :dims].astype(np.float64) - value.astype(np.float64)
+        partial = np.einsum("md,md->m", head, head)
+        if dims < self.dim:
+            tail = self.feats_mc[:, dims:]
+            partial += np.einsum("mc,mc->m", tail, tail, dtype=np.float64)
+        nn_idx = int(np.argmin(partial))
+        nn_dist = float(np.sqrt(partial[nn_idx])) if dims == self.dim else float("nan")
+        if dims == self.dim:  # the exact recomputation `nearest_neighbours` does for any query
+            diff = value - self.feats_mc[nn_idx]
+            nn_dist = float(np.sqrt(np.einsum("c,c->", diff, diff)).astype(np.float32))
+        return KnownPrefix(dims, value, partial.astype(np.float32), nn_dist, nn_idx)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +159,32 @@ class BankScore:
     image_score: float
     patch_dist_hw: np.ndarray
     map_hw: np.ndarray
+
+
+# float32 error of a ranking value ||b||² - 2q·b (or its known-prefix form), relative to ||q||² + max ||b||²:
+# rows whose ranking lies within this band of the minimum are re-ranked by exact distance, so near-ties
+# resolve the same way whichever blocking or decomposition computed the ranking.
+_RERANK_REL = 16 * float(np.finfo(np.float32).eps)
+_RERANK_MAX_CANDIDATES = 64  # per query on average; beyond that (a degenerate bank) keep the plain argmin
+
+
+def argmin_rerank(
+    ranking_nm: np.ndarray, magnitude_n: np.ndarray, query_nc: np.ndarray, bank_mc: np.ndarray
+) -> np.ndarray:
+    """(N,) argmin of each ranking row, with rows inside the float32 error band re-ranked exactly."""
+    best_n = ranking_nm.min(axis=1)
+    band_n = best_n + _RERANK_REL * magnitude_n
+    rows, cols = np.nonzero(ranking_nm <= band_n[:, None])
+    idx_n = np.argmin(ranking_nm, axis=1)
+    if rows.size == ranking_nm.shape[0] or rows.size > _RERANK_MAX_CANDIDATES * ranking_nm.shape[0]:
+        return idx_n
+    diff = query_nc[rows].astype(np.float64) - bank_mc[cols]
+    dist_sq = np.einsum("nc,nc->n", diff, diff)
+    order = np.lexsort((cols, dist_sq, rows))  # per row: smallest exact distance, then lowest index
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = rows[order][1:] != rows[order][:-1]
+    idx_n[rows[order][first]] = cols[order][first]
+    return idx_n
 
 
 def nearest_neighbours(
@@ -106,6 +213,7 @@ def nearest_neighbours(
     if not 1 <= k <= bank.shape[0]:
         raise ConfigError(f"k={k} must lie in [1, bank rows={bank.shape[0]}]")
     b_sq = np.einsum("mc,mc->m", bank, bank) if bank_sq_norms is None else bank_sq_norms
+    b_sq_max = float(b_sq.max())
     idx_nk = np.empty((query.shape[0], k), dtype=np.int64)
     for start in range(0, query.shape[0], max(1, chunk_rows)):
         q = query[start : start + chunk_rows]
@@ -114,7 +222,8 @@ def nearest_neighbours(
         partial = (-2.0 * q) @ bank.T
         partial += b_sq
         if k == 1:
-            idx_nk[start : start + len(q), 0] = np.argmin(partial, axis=1)
+            q_sq = np.einsum("nc,nc->n", q, q)
+            idx_nk[start : start + len(q), 0] = argmin_rerank(partial, q_sq + b_sq_max, q, bank)
         else:
             top = np.argpartition(partial, k - 1, axis=1)[:, :k]
             order = np.argsort(np.take_along_axis(partial, top, axis=1), axis=1, kind="stable")
@@ -210,19 +319,102 @@ def normalise_features(feats_nc: np.ndarray, bank: MemoryBank) -> np.ndarray:
     ).astype(np.float32, copy=False)
 
 
-def score_bank(query_hwc: np.ndarray, bank: MemoryBank, cfg: ScoreConfig) -> BankScore:
+def _exact_distances(query_nc: np.ndarray, bank_mc: np.ndarray, idx_n: np.ndarray) -> np.ndarray:
+    """(N,) float32 ||q - bank[idx]||, computed directly (no cancellation)."""
+    diff = query_nc - bank_mc[idx_n]
+    return np.sqrt(np.einsum("nc,nc->n", diff, diff)).astype(np.float32)
+
+
+def search_bank(
+    query_nc: np.ndarray, bank: MemoryBank, chunk_rows: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest bank row of each normalised query: the bank's index when it has one, else exact BLAS.
+
+    Returns dist_n (N,) float32 (exact distance to the row found) and idx_n (N,) int64.
+    """
+    if query_nc.shape[0] == 0:
+        return np.empty(0, np.float32), np.empty(0, np.int64)
+    if bank.index is None:
+        dist_nk, idx_nk = nearest_neighbours(
+            query_nc, bank.feats_mc, k=1, bank_sq_norms=bank.sq_norms_m, chunk_rows=chunk_rows
+        )
+        return dist_nk[:, 0], idx_nk[:, 0]
+    idx_n = np.asarray(bank.index.search(np.ascontiguousarray(query_nc, np.float32)), dtype=np.int64)
+    return _exact_distances(query_nc, bank.feats_mc, idx_n), idx_n
+
+
+def _search_known(
+    query_nc: np.ndarray, bank: MemoryBank, known: KnownRows, chunk_rows: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest rows for the known-prefix rows: a constant, or one rest-only search per group."""
+    prefix, count = known.prefix, known.rows_n.shape[0]
+    if prefix.dims == bank.dim:
+        return np.full(count, prefix.nn_dist, np.float32), np.full(count, prefix.nn_idx, np.int64)
+    if known.group_n is None:
+        first, inverse = np.arange(count), np.arange(count)
+    else:
+        _, first, inverse = np.unique(known.group_n, return_index=True, return_inverse=True)
+    reps = query_nc[known.rows_n[first]]
+    if bank.index is not None:
+        dist, idx = search_bank(reps, bank)
+        return dist[inverse], idx[inverse]
+    tail_mc = bank.feats_mc[:, prefix.dims :]
+    partial_max = float(prefix.partial_m.max())
+    idx = np.empty(reps.shape[0], np.int64)
+    for start in range(0, reps.shape[0], chunk_rows):
+        # ||q - b||² = partial_m + ||q_tail||² - 2 q_tail·b_tail; ||q_tail||² is constant per row.
+        tail = reps[start : start + chunk_rows, prefix.dims :]
+        ranking = (-2.0 * tail) @ tail_mc.T
+        ranking += prefix.partial_m
+        magnitude = np.einsum("nc,nc->n", tail, tail) + partial_max
+        block = reps[start : start + chunk_rows]
+        idx[start : start + chunk_rows] = argmin_rerank(ranking, magnitude, block, bank.feats_mc)
+    dist = _exact_distances(reps, bank.feats_mc, idx)
+    return dist[inverse], idx[inverse]
+
+
+def nearest_per_patch(
+    query_nc: np.ndarray, bank: MemoryBank, known: KnownRows | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) distances and bank rows for normalised queries; known rows skip the general search."""
+    count = query_nc.shape[0]
+    if known is None or known.rows_n.size == 0:
+        return search_bank(query_nc, bank)
+    dist_n, idx_n = np.empty(count, np.float32), np.empty(count, np.int64)
+    todo = np.ones(count, dtype=bool)
+    todo[known.rows_n] = False
+    rest = np.flatnonzero(todo)
+    dist_n[rest], idx_n[rest] = search_bank(query_nc[rest], bank)
+    dist_n[known.rows_n], idx_n[known.rows_n] = _search_known(query_nc, bank, known)
+    return dist_n, idx_n
+
+
+def score_bank(
+    query_hwc: np.ndarray,
+    bank: MemoryBank,
+    cfg: ScoreConfig,
+    known: KnownRows | None = None,
+    skip_background: bool = True,
+) -> BankScore:
     """Score one (g, g, C) patch grid against its bank: image score, (g, g) distances, blurred map.
 
-    Background patches (all-zero raw rows) are scored like any other, as in the original.
+    Background patches are scored as in the original (the same distances), but without searching for
+    them: all-zero raw rows use the bank's precomputed `zero_query` unless `known` names the rows with a
+    known prefix (the fusion bank). `skip_background=False` searches every row (the reference path).
     """
     g = bank.grid
     if query_hwc.shape != (g, g, bank.dim):
         raise ShapeError(f"bank {bank.name!r} expects ({g}, {g}, {bank.dim}) features, got {query_hwc.shape}")
-    query = normalise_features(query_hwc.reshape(g * g, bank.dim), bank)
+    raw_nc = query_hwc.reshape(g * g, bank.dim)
+    query = normalise_features(raw_nc, bank)
     if not np.isfinite(query).all():
         raise InputError(f"features for bank {bank.name!r} contain NaN or inf")
-    dist_nk, idx_nk = nearest_neighbours(query, bank.feats_mc, k=1, bank_sq_norms=bank.sq_norms_m)
-    dist_n, idx_n = dist_nk[:, 0], idx_nk[:, 0]
+    if not skip_background:
+        known = None
+    elif known is None:
+        zero_rows = np.flatnonzero(~raw_nc.any(axis=1))
+        known = KnownRows(zero_rows, bank.zero_query) if zero_rows.size else None
+    dist_n, idx_n = nearest_per_patch(query, bank, known)
     image_score = reweighted_image_score(
         query, bank.feats_mc, dist_n, idx_n, k=cfg.reweight_k, bank_sq_norms=bank.sq_norms_m
     )

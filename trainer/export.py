@@ -48,6 +48,7 @@ def export_onnx(
     path: str | Path,
     opset: int = 17,
     dynamic_batch: bool = True,
+    extra_dynamic_axes: dict[int, str] | None = None,
 ) -> Path:
     """Export `module(*example_inputs.values())` to ONNX; input names are the dict keys, in forward order.
 
@@ -58,11 +59,14 @@ def export_onnx(
         path: destination .onnx file (parents created).
         opset: ONNX opset.
         dynamic_batch: make axis 0 of every input and output the symbolic dim "batch".
+        extra_dynamic_axes: more symbolic axes for every input and output, e.g. {1: "patches"} for UFF,
+            which is per patch and so runs on any number of them (the station skips background patches).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(example_inputs)
-    dynamic_axes = {n: {0: "batch"} for n in [*names, *output_names]} if dynamic_batch else None
+    axes = ({0: "batch"} if dynamic_batch else {}) | (extra_dynamic_axes or {})
+    dynamic_axes = {n: dict(axes) for n in [*names, *output_names]} if axes else None
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter announces its own deprecation; that is a known, accepted choice here.

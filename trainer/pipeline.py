@@ -151,7 +151,12 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
     networks, parity = {}, {}
     for name, module, inputs, outputs in jobs:
         path = export_onnx(
-            module, {k: torch.from_numpy(v) for k, v in inputs.items()}, outputs, onnx_dir / f"{name}.onnx"
+            module,
+            {k: torch.from_numpy(v) for k, v in inputs.items()},
+            outputs,
+            onnx_dir / f"{name}.onnx",
+            # UFF is per patch: a dynamic patch axis lets the station run it on foreground patches only.
+            extra_dynamic_axes={1: "patches"} if name == "uff" else None,
         )
         report = check_parity(module, path, inputs)
         networks[name] = f"onnx/{name}.onnx"
