@@ -145,6 +145,7 @@ def serve(
     collector_db: Annotated[str | None, typer.Option(help="Collector database URL (default: --db).")] = None,
     checkin_s: Annotated[float | None, typer.Option(help="Station check-in interval asked for (s).")] = None,
     tick_s: Annotated[float | None, typer.Option(help="Rollout engine step interval (s).")] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="Write the bound endpoint here (JSON).")] = None,
 ) -> None:
     """Run the registry: station check-ins, bundle chunks, update reports, rollouts (until SIGTERM)."""
     from deploy.registry import run_until_signal
@@ -160,6 +161,7 @@ def serve(
         collector_db=collector_db,
         checkin_s=checkin_s,
         tick_s=tick_s,
+        ready_file=ready_file,
     )
     run_until_signal(cfg)
 

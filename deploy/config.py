@@ -28,6 +28,7 @@ class RegistryConfig:
     collector_db: str | None = None
     checkin_s: float = 5.0
     tick_s: float = 0.25
+    ready_file: Path | None = None  # written (JSON: zmq endpoint, pid) once the socket is bound
 
     def __post_init__(self) -> None:
         if self.checkin_s <= 0 or self.tick_s <= 0:

@@ -9,10 +9,13 @@ but the in-flight reply (the station asks again). A bad message gets an ErrorRep
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -137,8 +140,16 @@ class Registry:
         return encode(header, [data])
 
 
+def _announce(cfg: RegistryConfig, endpoint: str) -> None:
+    if cfg.ready_file is not None:
+        tmp = Path(cfg.ready_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"zmq": endpoint, "pid": os.getpid()}))
+        tmp.replace(cfg.ready_file)  # atomic: a reader never sees half a file
+    log.info("registry ready on %s", endpoint)
+
+
 def run_until_signal(cfg: RegistryConfig) -> None:
     registry = Registry(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: registry.stop())
-    registry.serve(ready=lambda ep: print(f"registry ready on {ep}", flush=True))
+    registry.serve(ready=lambda ep: _announce(cfg, ep))

@@ -124,3 +124,37 @@ def score(
         score_txt = "-" if r["image_score"] is None else f"{r['image_score']:.6f}"
         extra = f"  {r['error_reason']} ({r['error_file']})" if r["decision"] == "ERROR" else ""
         typer.echo(f"{r['frame_id']}  {r['decision']:5s}  {score_txt}{extra}")
+
+
+# --- deploy: operator hold on updates (edge/update_lock.py) ---------------------------------------------
+
+StateDirOpt = Annotated[
+    Path, typer.Option("--state-dir", help="The updater's state folder ([updater] state_dir).")
+]
+
+
+@app.command("lock")
+def lock_updates(
+    state_dir: StateDirOpt,
+    reason: Annotated[str, typer.Option(help="Why (shown in the registry's audit log).")] = "",
+) -> None:
+    """Hold bundle updates (a production lot is running): offers are fetched and verified, not applied."""
+    from edge.update_lock import LockHeldError, lock
+
+    try:
+        info = lock(state_dir, reason)
+    except (LockHeldError, OSError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"updates locked by {info['by']}")
+
+
+@app.command("unlock")
+def unlock_updates(state_dir: StateDirOpt) -> None:
+    """Release the hold; a deferred update is applied at the next check-in."""
+    from edge.update_lock import unlock
+
+    try:
+        held = unlock(state_dir)
+    except OSError as err:
+        raise _fail(str(err)) from None
+    typer.echo("updates unlocked" if held else "updates were not locked")

@@ -17,6 +17,7 @@ from pathlib import Path
 from core.errors import ConfigError
 from edge.model_slot import DEFAULT_VARIANT
 from edge.outbox import OutboxLimits
+from edge.updater_config import UpdaterConfig
 from edge.uplink import UplinkConfig
 
 __all__ = ["StationConfig"]
@@ -48,6 +49,7 @@ class StationConfig:
     log_level: str = "INFO"
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     outbox_limits: OutboxLimits = field(default_factory=OutboxLimits)
+    updater: UpdaterConfig | None = None  # [updater]: check in with a registry, take bundle updates
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "ort", "trt"):

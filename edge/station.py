@@ -165,8 +165,13 @@ class Station:
         """Load (verify) the bundle, open the source, sinks and uplink. Raises before any frame is scored."""
         if model is None:
             from edge.station_model import open_bundle
+            from edge.updater import startup_bundle
 
-            model = open_bundle(cfg.bundle, cfg.key, cfg.backend, engine_cache_dir=cfg.engine_cache_dir)
+            # with an updater, the bundle it last activated (active.json) wins over --bundle
+            kept = startup_bundle(cfg.updater.state_dir) if cfg.updater is not None else None
+            model = open_bundle(
+                kept or cfg.bundle, cfg.key, cfg.backend, engine_cache_dir=cfg.engine_cache_dir
+            )
         slot = ModelSlot(model, Policy(variant=cfg.variant, map_every_n_ok=cfg.map_every_n_ok))
         metrics = StationMetrics(cfg.station_id)
         source = source if source is not None else open_source(cfg.source)
@@ -219,6 +224,9 @@ class Station:
         pipeline = Pipeline(self.source, self.slot, self.emit, self.metrics, result_opts, pipe_cfg)
         started = time.monotonic()
         pipeline.start()
+        from edge.updater import start_for_station
+
+        updater = start_for_station(self)  # deploy: bundle updates swap into self.slot between frames
         try:
             while not pipeline.join(1.0):
                 if self.uplink is not None:
@@ -230,6 +238,8 @@ class Station:
                     break
         finally:
             restore()
+            if updater is not None:
+                updater.stop()
             seconds = time.monotonic() - started
             delivered = self.close(drain=once and not stop.is_set())
         summary = {**self.metrics.summary(), "seconds": round(seconds, 3), "delivered": delivered}

@@ -9,7 +9,8 @@ Every `checkin_s` the station sends a CheckIn (what it runs) and gets a CheckInR
                  runners -> replay the golden samples -> only then `ModelSlot.swap` between two frames.
                  The old bundle scores every frame until the swap; the pipeline reads the slot once per
                  frame, so no frame is dropped and none sees a half-loaded model.
-                 The replaced bundle is kept (rollback = an offer of the previous bundle: no download);
+                 The replaced bundle is kept, on disk and loaded in memory (rollback = an offer of the
+                 previous bundle: no download, no reload, swapped back at once);
                  `active.json` (atomic rename) makes the active bundle survive a restart.
   policy         runtime threshold / map sampling: `ModelSlot.set_policy` (versions only grow)
   shadow         a candidate bundle, fetched and checked the same way, scored on 1 in n frames beside the
@@ -21,12 +22,12 @@ collector as a StationEvent (`events(kind, detail)`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from edge.registry_client import RegistryClient, RegistryRefusedError, RegistryU
 from edge.station_model import replay_golden, station_model_from_manifest
 from edge.update_lock import is_locked
 from edge.update_state import BundleRef, UpdateState, load_state, save_state
+from edge.updater_config import UpdaterConfig
 from protocol.deploy_messages import (
     BundleOffer,
     CheckIn,
@@ -51,29 +53,9 @@ from protocol.deploy_messages import (
 )
 from protocol.errors import BundleError
 
-__all__ = ["UpdateFailedError", "Updater", "UpdaterConfig", "startup_bundle"]
+__all__ = ["UpdateFailedError", "Updater", "UpdaterConfig", "start_for_station", "startup_bundle"]
 
 log = logging.getLogger("m3dm.updater")
-
-
-@dataclass(frozen=True)
-class UpdaterConfig:
-    """The `[updater]` table of station.toml.
-
-    registry: the registry's ROUTER endpoint; registry_key: its CURVE public key file;
-    curve_dir: this station's CURVE keypair; signing_key: the trusted bundle signing public key;
-    state_dir: bundles kept, downloads, staging, active.json, updates.lock.
-    """
-
-    registry: str
-    registry_key: Path
-    curve_dir: Path
-    signing_key: Path
-    state_dir: Path
-    tags: tuple[str, ...] = ()
-    checkin_s: float = 5.0
-    request_timeout_s: float = 5.0
-    backend: str = "auto"
 
 
 class UpdateFailedError(Exception):
@@ -128,6 +110,7 @@ class Updater:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self.last_timings_ms: dict[str, float] = {}
+        self._previous_model: Any = None  # the model the last swap replaced: rollback without reloading
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -302,6 +285,11 @@ class Updater:
 
     def _prepare(self, offer: BundleOffer, timings: dict[str, float]) -> Any:
         """Download, verify, unpack, load, golden-replay; returns the loaded StationModel (not yet active)."""
+        previous = self._previous_model
+        if previous is not None and previous.manifest.bundle_id == offer.bundle_id:
+            # a rollback: the model that scored until the last swap is still loaded; going back is instant
+            timings["from_memory"] = 1.0
+            return previous
         public = _public(Path(self.cfg.signing_key))
         min_counter = self.state.min_counter()
         root = self._kept_dir(offer.bundle_id)
@@ -431,7 +419,7 @@ class Updater:
         model = self._settle(model)
         t = time.perf_counter()
         try:
-            self.slot.swap(model)
+            self._previous_model = self.slot.swap(model)
         except M3DMError as err:
             self._fail(offer, rollout_id, UpdateFailedError("swap", str(err)), "install")
             return
@@ -506,3 +494,25 @@ class Updater:
             "shadow_started",
             {"bundle_id": offer.bundle_id, "version": offer.version, "every_n": spec.sample_every_n},
         )
+
+
+def start_for_station(station: Any) -> Updater | None:
+    """The updater of an `edge.station.Station` whose config has an `[updater]` table (else None), started.
+
+    Events go to the collector through the station's uplink (when it has one); the epoch is the outbox's.
+    """
+    cfg = station.cfg.updater
+    if cfg is None:
+        return None
+    cfg = dataclasses.replace(
+        cfg,
+        curve_dir=cfg.curve_dir or station.cfg.curve_dir,
+        signing_key=cfg.signing_key or station.cfg.key,
+    )
+    if cfg.curve_dir is None or cfg.signing_key is None:
+        raise UpdateFailedError("config", "the updater needs curve_dir and a bundle signing key")
+    uplink = station.uplink
+    epoch = int(getattr(getattr(uplink, "outbox", None), "epoch", 0) or 0)
+    events = uplink.event if uplink is not None else None
+    status = uplink.set_status if uplink is not None else None
+    return Updater(cfg, station.cfg.station_id, station.slot, epoch, events, status).start()

@@ -58,7 +58,10 @@ def deploy_bundles(fleet_bundle: dict, tmp_path_factory: pytest.TempPathFactory)
     }
     m = v11["manifest"]
     golden = [msgspec.structs.replace(g, expected_image_score=g.expected_image_score + 1.0) for g in m.golden]
-    low = msgspec.structs.replace(m.thresholds, image_threshold=m.thresholds.image_threshold * 0.5)
+    good_dir = fleet_bundle["data"] / fleet_bundle["class_name"] / "test" / "good"
+    scores = sorted(_good_scores(v11_dir, keys, fleet_bundle))
+    assert len(scores) >= 3 and scores[-1] <= m.thresholds.image_threshold, scores  # all OK under v1.1
+    low = msgspec.structs.replace(m.thresholds, image_threshold=(scores[0] + scores[1]) / 2)
     keygen(root / "other-keys")
     return {
         "v1": {
@@ -71,4 +74,16 @@ def deploy_bundles(fleet_bundle: dict, tmp_path_factory: pytest.TempPathFactory)
         "wrongsig": resign(v11_dir, root / "other-keys", root / "wrongsig", "1.4.0", 3),
         "keys": keys,
         "other_keys": root / "other-keys",
+        "good_dir": good_dir,  # rgb/ + xyz/ of the good test scans: the stations' frame source
+        "good_scores": scores,
     }
+
+
+def _good_scores(bundle_dir: Path, keys: Path, fleet_bundle: dict) -> list[float]:
+    from core.mvtec3d import list_samples, load_scan
+    from edge.station_model import open_bundle
+
+    model = open_bundle(bundle_dir, keys, backend="ort")
+    variant = model.manifest.thresholds.variant
+    refs = list_samples(fleet_bundle["data"], fleet_bundle["class_name"], "test")
+    return [float(model.score_raw(load_scan(r)).image[variant]) for r in refs if r.defect_type == "good"]
