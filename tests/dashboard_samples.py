@@ -26,6 +26,27 @@ from protocol.frames import quantise_map
 from protocol.messages import Blob, Heartbeat, InspectionResult, StationEvent
 
 MAP_HW = (224, 224)
+VARIANT = "rgb+point+fusion"
+# Two bundles in the fleet: history stations 0, 2, ... still run 1.0.0; stations 1, 3, ... run 1.1.0.
+BUNDLE_OLD = ("b" * 16, "1.0.0")
+BUNDLE_NEW = ("c" * 16, "1.1.0")
+
+
+def station_bundle(s_index: int) -> tuple[str, str]:
+    return BUNDLE_OLD if s_index % 2 == 0 else BUNDLE_NEW
+
+
+def score_quantiles(mean: float, std: float) -> list[float]:
+    """21 reference quantiles (0, 5, ..., 100 %) of a normal score distribution, as a manifest carries."""
+    from statistics import NormalDist
+
+    inner = [NormalDist(mean, std).inv_cdf(p / 20) for p in range(1, 20)]
+    return [mean - 4 * std, *inner, mean + 4 * std]
+
+
+def history_score(s_index: int) -> tuple[float, float]:
+    """(mean, std) of the OK scores `fleet_history` draws for station number `s_index`."""
+    return 1.2 + 0.1 * s_index, 0.22
 
 
 def part_thumbnail(defect_yx: tuple[float, float] | None, size_px: int = 160, seed: int = 0) -> bytes:
@@ -77,6 +98,7 @@ def inspection(
     epoch: int = 1,
     decision_ts: float | None = None,
     total_ms: float = 80.0,
+    bundle: tuple[str, str] = BUNDLE_OLD,
 ) -> tuple[InspectionResult, list[bytes]]:
     """One InspectionResult and its blob frames (map frame 1, thumbnail frame 2), as a station sends it."""
     now = time.time() if decision_ts is None else decision_ts
@@ -94,9 +116,9 @@ def inspection(
         frame_id=f"{station_id}-lot7-{seq:05d}",
         capture_ts=now - total_ms / 1000.0,
         decision_ts=now,
-        bundle_id="b" * 16,
-        bundle_version="1.0.0",
-        variant="rgb+point+fusion",
+        bundle_id=bundle[0],
+        bundle_version=bundle[1],
+        variant=VARIANT,
         decision=decision,
         image_score=image_score,
         threshold=threshold,
@@ -138,20 +160,34 @@ def fleet_history(
     for s_index, station in enumerate(stations):
         threshold = 2.0 + 0.3 * s_index
         for seq in range(1, n_ok + 1):
-            score = float(rng.normal(1.2 + 0.1 * s_index, 0.22))
+            score = float(rng.normal(*history_score(s_index)))
             decision = "NOK" if score >= threshold else "OK"
             ts = now - 240 + seq * 240 / n_ok
             total_ms = float(rng.gamma(9.0, 7.0 + 2.0 * s_index))
             out.append(
                 inspection(
-                    station, seq, decision, score, threshold, None, False, decision_ts=ts, total_ms=total_ms
+                    station,
+                    seq,
+                    decision,
+                    score,
+                    threshold,
+                    None,
+                    False,
+                    decision_ts=ts,
+                    total_ms=total_ms,
+                    bundle=station_bundle(s_index),
                 )
             )
         for k in range(2):
             seq = n_ok + 1 + k
             yx = ring_point(0.9 + 2.1 * k + 1.3 * s_index)
             score = threshold + 0.4 + 0.3 * k
-            out.append(inspection(station, seq, "NOK", score, threshold, yx, decision_ts=now - 120 + 30 * k))
+            ts = now - 120 + 30 * k
+            out.append(
+                inspection(
+                    station, seq, "NOK", score, threshold, yx, decision_ts=ts, bundle=station_bundle(s_index)
+                )
+            )
     return out
 
 
@@ -195,22 +231,23 @@ def station_events(stations: tuple[str, ...] = ("press-01", "press-02")) -> list
     now = time.time()
     out = []
     for i, station in enumerate(stations):
-        out.append(_event(station, now - 600 + i, "bundle_loaded", {"slot": "A"}))
-    out.append(
-        _event(stations[-1], now - 300, "update_failed", {"reason": "signature mismatch", "to": "1.1.0"})
-    )
-    out.append(_event(stations[0], now - 90, "source_ended", {"source": "folder"}))
+        out.append(_event(station, now - 600 + i, "bundle_loaded", {"slot": "A"}, station_bundle(i)))
+    failed = {"reason": "signature mismatch", "to": "1.2.0"}
+    out.append(_event(stations[-1], now - 300, "update_failed", failed, station_bundle(len(stations) - 1)))
+    out.append(_event(stations[0], now - 90, "source_ended", {"source": "folder"}, station_bundle(0)))
     return out
 
 
-def _event(station: str, ts: float, kind: str, detail: dict[str, str]) -> StationEvent:
+def _event(
+    station: str, ts: float, kind: str, detail: dict[str, str], bundle: tuple[str, str]
+) -> StationEvent:
     return StationEvent(
         station_id=station,
         epoch=1,
         event_id=uuid.uuid4().hex,
         ts=ts,
         kind=kind,
-        bundle_id="b" * 16,
-        bundle_version="1.0.0",
+        bundle_id=bundle[0],
+        bundle_version=bundle[1],
         detail=detail,
     )

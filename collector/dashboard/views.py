@@ -68,9 +68,9 @@ def _ago(seconds: float) -> str:
 def _event_tone(kind: str) -> str:
     """Badge colour of an event kind: failures red, loads and successes green, the rest neutral."""
     lowered = kind.lower()
-    if any(word in lowered for word in ("fail", "error", "reject", "rollback", "revoked")):
+    if any(word in lowered for word in ("fail", "error", "reject", "rollback", "revoked", "alarm_raised")):
         return "bad"
-    if any(word in lowered for word in ("loaded", "success", "promoted", "started", "applied")):
+    if any(word in lowered for word in ("loaded", "success", "promoted", "started", "applied", "cleared")):
         return "good"
     return "neutral"
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from dashboard_samples import (
+    BUNDLE_NEW,
+    VARIANT,
     fleet_history,
     http_get,
     inspection,
@@ -23,14 +25,14 @@ from PIL import Image
 
 from collector.dashboard.histogram_svg import render_histogram_svg
 from collector.http import create_app
-from collector.schema import blobs, inspections
+from collector.schema import blobs, inspections, metadata
 from collector.store import Store
 
 DRIFT_ALARM = {
     "station_id": "press-02",
-    "bundle_id": "b" * 16,
-    "variant": "rgb+point+fusion",
-    "bundle_version": "1.0.0",
+    "bundle_id": BUNDLE_NEW[0],
+    "variant": VARIANT,
+    "bundle_version": BUNDLE_NEW[1],
     "state": "alarm",
     "psi": 0.41,
     "ks": 0.3,
@@ -39,10 +41,26 @@ DRIFT_ALARM = {
 }
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Store]]:
-    db = Path(tmp_path_factory.mktemp("dash")) / "fleet.db"
-    store = Store.open(f"sqlite:///{db}")
+def _empty_pg(url: str) -> str:
+    """The session's PostgreSQL database (tests/collector/conftest.py), emptied for this module."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        names = ", ".join(table.name for table in metadata.sorted_tables)
+        conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Store]]:
+    """The collector's HTTP app on a real Store, once on SQLite and once on PostgreSQL (same queries)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{Path(tmp_path_factory.mktemp('dash')) / 'fleet.db'}"
+    else:
+        url = _empty_pg(request.getfixturevalue("pg_database"))
+    store = Store.open(url)
     try:
         store_results(store, fleet_history(), fps=7.5)
         store.insert_batch(events=station_events())
