@@ -23,10 +23,10 @@ from core.scan import PatchFeatures
 from trainer.coreset import build_memory_bank
 from trainer.dataset_features import SplitFeatures, extract_split
 from trainer.dlf import fit_dlf, fit_score_normaliser
-from trainer.metrics import threshold_at_false_reject_rate
 from trainer.model_io import bank_to_files, normaliser_to_dict, svm_to_dict, write_model_json
 from trainer.models.uff import UFFExport
 from trainer.progress import track
+from trainer.thresholds import cross_fitted_thresholds
 from trainer.torch_runner import TorchRunner
 from trainer.train_uff import save_uff, train_uff
 
@@ -74,6 +74,27 @@ def held_out_bank_scores(scorer: FrameScorer, split: SplitFeatures) -> tuple[np.
     return np.stack(images), np.stack(maps)
 
 
+def split_off_validation(train: SplitFeatures, class_name: str) -> tuple[SplitFeatures, SplitFeatures]:
+    """A data set without a validation split: hold out the last fifth of the training scans (>= 2).
+
+    Those scans never enter a bank, so their scores are held out like real validation scans. A seeded
+    split would be no more honest; reader order is already deterministic.
+    """
+    n_held = max(2, len(train.features) // 5)
+    keep = len(train.features) - n_held
+    log.info(
+        "class %s has no validation split: %d training scans held out for DLF and thresholds",
+        class_name,
+        n_held,
+    )
+    fields = ("refs", "features", "masks", "rgb_u8")
+    head = SplitFeatures(
+        **{f: getattr(train, f)[:keep] for f in fields if getattr(train, f)}, skipped=train.skipped
+    )
+    tail = SplitFeatures(**{f: getattr(train, f)[keep:] for f in fields if getattr(train, f)})
+    return head, tail
+
+
 def fit_class(
     data_root: Path, class_name: str, cfg: FitConfig, runners: FeatureRunners, out_dir: Path
 ) -> dict[str, Any]:
@@ -83,6 +104,8 @@ def fit_class(
     train = extract_split(data_root, class_name, "train", cfg.preset, cfg.preprocess, runners)
     held = extract_split(data_root, class_name, "validation", cfg.preset, cfg.preprocess, runners)
     timings["features_s"] = time.perf_counter() - t0
+    if not held.refs and len(train.features) >= 6:
+        train, held = split_off_validation(train, class_name)
     if len(train.features) < 2:
         raise InputError(f"class {class_name}: fewer than 2 usable training scans", data_root / class_name)
     if len(held.features) < 2:
@@ -112,14 +135,20 @@ def fit_class(
     held_image, held_maps = held_out_bank_scores(provisional_scorer(banks, uff, cfg), held)
     normaliser = fit_score_normaliser(held_image, held_maps)
     dlf = fit_dlf(held_image, held_maps, normaliser, cfg.dlf, cfg.score)
-    scorer = FrameScorer(banks=banks, dlf=dlf, normaliser=normaliser, uff=uff, score_cfg=cfg.score)
-    held_variant_scores = [scorer.combine(i, m).image for i, m in zip(held_image, held_maps, strict=True)]
-    thresholds = {
-        v: threshold_at_false_reject_rate(
-            np.array([s[v] for s in held_variant_scores]), cfg.false_reject_rate
+    # Thresholds from out-of-fold scores: the normaliser and DLF above saw every validation scan.
+    threshold_reports = cross_fitted_thresholds(held_image, held_maps, banks, uff, cfg)
+    thresholds = {v: report.threshold for v, report in threshold_reports.items()}
+    full = threshold_reports.get("rgb+point+fusion")
+    if full is not None and full.expected_false_reject_rate > 2 * cfg.false_reject_rate:
+        log.info(
+            "class %s: %d validation normals support a false-reject rate of ~%.1f%% (<= %.1f%% at 95%%), "
+            "not the %.1f%% asked for; more validation scans tighten it",
+            class_name,
+            full.n_normals,
+            100 * full.expected_false_reject_rate,
+            100 * full.interval_95[1],
+            100 * cfg.false_reject_rate,
         )
-        for v in held_variant_scores[0]
-    }
     timings["dlf_s"] = time.perf_counter() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +174,7 @@ def fit_class(
         "dlf": {v: {"image": svm_to_dict(i), "pixel": svm_to_dict(p)} for v, (i, p) in dlf.items()},
         "thresholds": thresholds,
         "false_reject_rate": cfg.false_reject_rate,
+        "threshold_report": {v: r.to_dict() for v, r in threshold_reports.items()},
         "provenance": {
             "data_root": str(data_root),
             "train_count": len(train.features),

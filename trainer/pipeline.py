@@ -41,12 +41,23 @@ def train_classes(
     uff_epochs: int | None = None,
     coreset: CoresetConfig | None = None,
     false_reject_rate: float = 0.01,
+    point_bn: str | None = None,
 ) -> dict[str, Any]:
-    """Fit each class into `out/<class>/`; check weights and options before reading any data."""
+    """Fit each class into `out/<class>/`; check weights and options before reading any data.
+
+    point_bn overrides the preset's Point-MAE BatchNorm mode ("batch" | "stored"); the mode is recorded with
+    the preset in model.json and baked into the exported ONNX graph.
+    """
+    from dataclasses import replace
+
     from trainer.backbones import WeightPaths, build_feature_runners, check_weights_available
     from trainer.fit import fit_class
 
     preset = get_preset(preset_name)
+    if point_bn is not None:
+        if preset.point_backbone != "point_mae":
+            raise ConfigError(f"--point-bn applies to Point-MAE presets; {preset.name} has no point network")
+        preset = replace(preset, point_bn=point_bn)
     if preset.random_weights and not allow_random_weights:
         raise ConfigError(
             f"preset {preset.name} has RANDOM weights (speed tests only); "
@@ -55,12 +66,17 @@ def train_classes(
     weights = WeightPaths(weights_dir=weights_dir)
     check_weights_available(preset, weights)
     classes = resolve_classes(data_root, class_names, all_classes)
+    if uff_epochs is not None and uff_epochs < 1:
+        # 0 divides by zero in the warm-up schedule, a negative count trains nothing and saves noise
+        raise ConfigError(f"--uff-epochs must be >= 1, got {uff_epochs}")
     uff = UFFConfig(seed=seed) if uff_epochs is None else UFFConfig(seed=seed, epochs=uff_epochs, min_steps=0)
     if not 0.0 <= false_reject_rate < 1.0:
         raise ConfigError("--false-reject-rate must lie in [0, 1)")
     cfg = FitConfig(
         preset=preset,
-        preprocess=PreprocessConfig(rgb_input_size=preset.rgb_input_size),
+        preprocess=PreprocessConfig(
+            rgb_input_size=preset.rgb_input_size, keep_largest_cluster=preset.largest_cluster
+        ),
         coreset=coreset if coreset is not None else CoresetConfig(seed=seed),
         uff=uff,
         false_reject_rate=false_reject_rate,
