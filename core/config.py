@@ -134,7 +134,9 @@ class CoresetConfig:
     point_fraction: float = 0.1
     fusion_fraction: float = 0.1
     projection_eps: float = 0.9
-    max_rows: int = 20000  # hard cap per bank, keeps kNN time bounded on a station
+    # Optional cap on every bank's rows (`--max-bank-rows`); None keeps the method's fractions. The
+    # trainer warns when it binds; it is recorded in model.json and the bundle's training config.
+    max_rows: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

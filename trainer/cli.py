@@ -155,6 +155,10 @@ def train(
     fusion_fraction: Annotated[
         float, typer.Option(help="Coreset share of the fusion bank's own rows.")
     ] = 0.1,
+    max_bank_rows: Annotated[
+        int | None,
+        typer.Option(min=1, help="Cap on any bank's rows (default: none; a warning says when it binds)."),
+    ] = None,
     false_reject_rate: Annotated[
         float, typer.Option(help="Share of validation normals the decision threshold may reject.")
     ] = 0.01,
@@ -165,7 +169,11 @@ def train(
     from trainer.pipeline import train_classes
 
     coreset = CoresetConfig(
-        rgb_fraction=rgb_fraction, point_fraction=point_fraction, fusion_fraction=fusion_fraction, seed=seed
+        rgb_fraction=rgb_fraction,
+        point_fraction=point_fraction,
+        fusion_fraction=fusion_fraction,
+        max_rows=max_bank_rows,
+        seed=seed,
     )
     summary = train_classes(
         data,

@@ -7,6 +7,7 @@ spec "10 things" #5).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,13 +21,18 @@ from core.scoring import MemoryBank
 __all__ = ["build_memory_bank", "coreset_size", "feature_stats", "greedy_coreset"]
 
 _STATS_CHUNK_ROWS = 65536
+log = logging.getLogger("m3dm.trainer")
 
 
-def coreset_size(n_rows: int, fraction: float, max_rows: int) -> int:
-    """Rows kept for a bank of n_rows: int(fraction · n_rows), clamped to [1, min(n_rows, max_rows)]."""
-    if n_rows <= 0 or not 0 < fraction <= 1 or max_rows <= 0:
+def coreset_size(n_rows: int, fraction: float, max_rows: int | None = None) -> int:
+    """Rows kept for a bank of n_rows: int(fraction · n_rows), clamped to [1, min(n_rows, max_rows)].
+
+    max_rows None (the default) means no cap: the bank keeps the method's own fraction.
+    """
+    if n_rows <= 0 or not 0 < fraction <= 1 or (max_rows is not None and max_rows <= 0):
         raise ConfigError(f"bad coreset sizing: n_rows={n_rows}, fraction={fraction}, max_rows={max_rows}")
-    return max(1, min(int(n_rows * fraction), n_rows, max_rows))
+    wanted = max(1, min(int(n_rows * fraction), n_rows))
+    return wanted if max_rows is None else min(wanted, max_rows)
 
 
 def _project(feats_mc: np.ndarray, eps: float, seed: int, device: str) -> torch.Tensor:
@@ -160,7 +166,7 @@ def build_memory_bank(
         name: bank name ("rgb", "point", "fusion").
         feats: (N, C) rows, or a list of per-image (..., C) arrays.
         grid: query grid side for this bank (28 or 56).
-        fraction: share of this bank's own rows to keep (capped at cfg.max_rows).
+        fraction: share of this bank's own rows to keep (capped at cfg.max_rows when that is set).
         cfg: coreset settings (projection eps, cap, seed).
         device: torch device for the selection.
 
@@ -171,6 +177,17 @@ def build_memory_bank(
     mean_c, scale = feature_stats(rows_nc, per_dim)
     scale_f32 = np.asarray(scale, dtype=np.float32)
     target = coreset_size(rows_nc.shape[0], fraction, cfg.max_rows)
+    wanted = coreset_size(rows_nc.shape[0], fraction)
+    if target < wanted:
+        log.warning(
+            "bank %s: --max-bank-rows %d binds: keeping %d of %d rows (%.2f%%) instead of the %.0f%% asked",
+            name,
+            cfg.max_rows,
+            target,
+            rows_nc.shape[0],
+            100 * target / rows_nc.shape[0],
+            100 * fraction,
+        )
     # Selection is translation- and uniform-scale-equivariant, so with a scalar scale select on raw rows and
     # normalise only the kept ones; a per-channel scale changes the geometry, so select in normalised space.
     select_on = ((rows_nc - mean_c) / scale_f32).astype(np.float32) if per_dim else rows_nc

@@ -77,3 +77,15 @@ def test_build_memory_bank_normalises_with_all_rows_then_subsamples() -> None:
     assert cdist(raw_kept, rows).min(axis=1).max() < 1e-5  # every kept row is a real training row
     with pytest.raises(ShapeError):
         build_memory_bank("rgb", [rows, rows[:, :5]], 28, 0.1, CoresetConfig())
+
+
+def test_no_cap_by_default_and_a_binding_cap_warns(caplog: pytest.LogCaptureFixture) -> None:
+    assert CoresetConfig().max_rows is None
+    assert coreset_size(244 * 3136, 0.1) == 76518  # the method's full 10%: no 20k cap any more
+    feats = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="m3dm.trainer"):
+        free = build_memory_bank("point", feats, 56, 0.1, CoresetConfig())
+        assert not caplog.records
+        capped = build_memory_bank("point", feats, 56, 0.1, CoresetConfig(max_rows=50))
+    assert free.feats_mc.shape[0] == 200 and capped.feats_mc.shape[0] == 50
+    assert any("max-bank-rows 50 binds" in r.getMessage() for r in caplog.records)
