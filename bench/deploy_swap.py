@@ -152,7 +152,8 @@ def run(work: Path, updates: int, fps: float) -> dict[str, Any]:
             bundle_id = row["bundle_id"]
             _wait(lambda b=bundle_id: station.slot.current().model.manifest.bundle_id == b, 300)
             t_active = time.time()
-            _wait(lambda n=len(frames): len(frames) >= n + 4, 120)
+            # frames already past preprocessing finish on the old model; wait for 3 scored by the new one
+            _wait(lambda b=bundle_id: sum(f[1] == b for f in frames) >= 3, 120)
             results.append(_one(frames, row["bundle_id"], t_available, t_active))
         rate = len(frames) / (frames[-1][0] - frames[0][0])
     finally:

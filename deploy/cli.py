@@ -243,19 +243,21 @@ def rollout(
     """Start a staged rollout: canary first, soak, then wave by wave while health holds; else roll back."""
     from deploy.rollout import RolloutSpec, create_rollout
 
+    durations = parse_duration(soak), parse_duration(install_timeout), parse_duration(shadow_period)
+    wait_s = parse_duration(wait_timeout)
     engine = _engine(config, db)
     spec = RolloutSpec(
         bundle_id=_resolve_bundle(engine, bundle),
         selector=stations,
         canary=canary,
         wave_size=wave_size,
-        soak_s=parse_duration(soak),
+        soak_s=durations[0],
         max_nok_rate_delta=max_nok_rate_delta,
         max_score_shift=max_score_shift,
         min_results=min_results,
-        install_timeout_s=parse_duration(install_timeout),
+        install_timeout_s=durations[1],
         require_shadow=require_shadow,
-        shadow_s=parse_duration(shadow_period),
+        shadow_s=durations[2],
         shadow_every_n=shadow_every,
         max_flip_rate=max_flip_rate,
     )
@@ -263,7 +265,7 @@ def rollout(
     if not wait:
         _print({"rollout_id": rollout_id}, as_json, lambda d: f"rollout {d['rollout_id']} started")
         return
-    final = _wait_rollout(engine, rollout_id, parse_duration(wait_timeout))
+    final = _wait_rollout(engine, rollout_id, wait_s)
     _print(final, as_json, _rollout_text)
     if final["state"] != "done":
         raise typer.Exit(1)

@@ -127,6 +127,8 @@ def test_update_swap_rollback_refusals_and_restart(
         row = conn.execute(sa.select(stations)).one()
     assert (row.station_id, row.active_bundle_id) == ("st-1", b["v1"]["bundle_id"])
 
+    _runtime_threshold(registry, updater)
+
     # a good update: downloaded, verified, golden-replayed, swapped; the rollout finishes
     _publish(registry, b["v11"])
     rid = _rollout(registry, b["v11"]["bundle_id"])
@@ -174,6 +176,16 @@ def test_update_swap_rollback_refusals_and_restart(
     updater.client.close()
 
 
+def _runtime_threshold(registry, updater) -> None:
+    """A runtime threshold: versioned, applied between frames, carried in results as threshold_version."""
+    from deploy.fleet import set_policy
+
+    version = set_policy(registry.engine, "class=ring", "test", None, 7.25, 3, "night shift")
+    updater.checkin_once()
+    state = updater.slot.current()
+    assert (state.threshold, state.threshold_version, state.policy.map_every_n_ok) == (7.25, version, 3)
+
+
 def _assert_audited(registry) -> None:
     from deploy.audit import read_audit
 
@@ -190,6 +202,7 @@ def _assert_audited(registry) -> None:
         "update_deferred",
         "rollback",
         "update_rolled_back",
+        "set_policy",
     ):
         assert action in actions, (action, actions)
 

@@ -239,3 +239,73 @@ def test_policy_versions_reach_matching_stations(engine: sa.Engine) -> None:
     assert handle_checkin(engine, msg, "key-st-1").policy is None  # already applied
     with pytest.raises(Exception, match="enrolled with key"):
         handle_checkin(engine, msg, "another-key")
+
+
+def shadow_pairs(engine: sa.Engine, sid: str, flips: int, n: int, since: float) -> None:
+    """n frames scored live by OLD and in shadow by NEW; the first `flips` of them decided differently."""
+    with engine.begin() as conn:
+        for i in range(n):
+            ts = since + 0.001 * (i + 1)
+            for bundle_id, shadow in ((OLD, False), (NEW, True)):
+                nok = shadow and i < flips
+                conn.execute(
+                    inspections.insert().values(
+                        station_id=sid,
+                        epoch=1,
+                        seq=500 + 2 * i + shadow,
+                        frame_id=f"s{i}",
+                        capture_ts=ts,
+                        decision_ts=ts,
+                        received_ts=ts,
+                        bundle_id=bundle_id,
+                        bundle_version="",
+                        variant="v",
+                        decision="NOK" if nok else "OK",
+                        image_score=5.0 + i,
+                        bank_scores={},
+                        threshold=8.0,
+                        threshold_version=0,
+                        latency_ms={},
+                        shadow=shadow,
+                        labels={},
+                    )
+                )
+
+
+@pytest.mark.parametrize(("flips", "expect"), [(0, "wave"), (3, "aborted")])
+def test_required_shadow_period_gates_the_canary(engine: sa.Engine, flips: int, expect: str) -> None:
+    rid = create_rollout(engine, spec(require_shadow=True, shadow_s=0.0, max_flip_rate=0.1), "alice")
+    reply = checkin(engine, "st-1", OLD)
+    assert reply.shadow is not None and reply.shadow.offer.bundle_id == NEW and reply.bundle is None
+    shadow_pairs(engine, "st-1", flips, 10, time.time())
+    RolloutEngine(engine, engine).tick()
+    state, per_station = states(engine, rid)
+    assert state == expect
+    if expect == "wave":
+        assert per_station == {"st-1": "pending", "st-2": "pending", "st-3": "pending"}
+    else:
+        with engine.connect() as conn:
+            assert "3 of 10 decisions flip" in rollout_status(conn, rid)[0]["reason"]
+    msg = CheckIn(
+        station_id="st-1",
+        epoch=1,
+        ts=time.time(),
+        tags=("class=ring",),
+        active_bundle_id=OLD,
+        shadow_bundle_id=NEW,
+    )
+    assert handle_checkin(engine, msg, "key-st-1").clear_shadow  # the shadow period is over either way
+
+
+def test_migrations_match_the_tables(engine: sa.Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from deploy.tables import metadata
+
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"version_table": "deploy_alembic_version"})
+        # the collector's tables share the database; only ours must match
+        diff = [d for d in compare_metadata(ctx, metadata) if "deploy_" in repr(d)]
+    assert diff == []
+    assert "deploy_alembic_version" in sa.inspect(engine).get_table_names()
