@@ -337,10 +337,14 @@ def inspect_bundle(bundle_dir_or_tar: str | Path) -> dict[str, Any]:
     """Summary of a bundle directory or tar for `m3dm bundle inspect`. Does NOT verify the signature."""
     path = Path(bundle_dir_or_tar)
     if path.is_dir():
-        raw = (path / MANIFEST_NAME).read_bytes() if (path / MANIFEST_NAME).is_file() else b""
+        if not (path / MANIFEST_NAME).is_file():
+            raise SchemaError("not a bundle: manifest.json is missing", path)
+        raw = (path / MANIFEST_NAME).read_bytes()
         sizes = {p.relative_to(path).as_posix(): p.stat().st_size for p in path.rglob("*") if p.is_file()}
-    else:
+    elif path.is_file():
         raw, sizes = _tar_listing(path)
+    else:
+        raise ArchiveError("no such bundle folder or archive", path)
     manifest = manifest_from_json(raw)
     return {
         "path": str(path),

@@ -1,31 +1,64 @@
-"""Load a fitted model folder (`model.json` + `.npy` banks) into the station's FrameScorer. numpy only.
+"""A fitted model folder on disk: `model.json` (the training record) + its DRAFT bundle manifest. numpy only.
 
-The same loader serves `m3dm eval --model` (trainer, torch UFF runner) and a station or `m3dm eval --bundle`
-(ONNX Runtime UFF runner), so both score through one path.
+One schema carries the scoring facts: `protocol.manifest.BundleManifest`. A model folder holds a draft of it
+(`manifest.json`: unsigned, `files` empty, network hashes unset) written by `m3dm train` and refreshed by
+`m3dm export`; `m3dm bundle build` seals and signs a copy. `model.json` keeps what only the trainer needs
+(fit settings, per-variant thresholds, parity reports, timings, raw bank files for re-encoding).
+
+`edge.station_model` is the one loader for both a model folder and a bundle: it turns a manifest into a
+`ModelInfo` and a `FrameScorer`. `load_model_info` / `load_scorer` here are the model-folder entry points.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
 from core.config import FeaturePreset, PreprocessConfig, ScoreConfig
 from core.errors import ConfigError, CorruptFileError
-from core.fusion import LinearOneClassSVM, ScoreNormaliser
-from core.model import BANKS, COMBINATIONS, FrameScorer
+from core.model import BANKS
 from core.runner import Runner
 from core.scoring import MemoryBank
+from protocol.errors import SchemaError
+from protocol.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    ArtifactRef,
+    BankSpec,
+    BundleManifest,
+    DLFCoefficients,
+    FeatureSpec,
+    InputSpec,
+    Provenance,
+    ScoringSpec,
+    Thresholds,
+    canonical_json,
+    format_utc,
+    new_bundle_id,
+)
+
+if TYPE_CHECKING:
+    from core.model import FrameScorer
 
 MODEL_FORMAT = "m3dm-model/1"
+DECISION_VARIANT = "rgb+point+fusion"
+DRAFT_VERSION = "0.0.0"  # a draft is not a release; `bundle build` sets the real version
+DRAFT_VALID_DAYS = 365
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a model folder says about itself (model.json), parsed into frozen configs."""
+    """What a model folder or bundle says about itself, parsed into frozen configs.
+
+    `raw` is model.json for a model folder and the manifest as a dict for a bundle; `manifest` is the draft
+    (model folder) or the verified manifest (bundle).
+    """
 
     root: Path
     class_name: str
@@ -35,12 +68,7 @@ class ModelInfo:
     thresholds: dict[str, float]
     false_reject_rate: float
     raw: dict[str, Any]
-
-
-def _dataclass_from(cls: type, data: dict[str, Any]) -> Any:
-    names = {f.name for f in fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
-    return cls(**kwargs)
+    manifest: BundleManifest | None = None
 
 
 def read_model_json(model_dir: Path) -> dict[str, Any]:
@@ -51,23 +79,132 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{model_dir} is not a model folder (no model.json)") from None
     except (OSError, json.JSONDecodeError) as err:
         raise CorruptFileError(f"unreadable model.json: {err}", path) from None
-    if raw.get("format") != MODEL_FORMAT:
-        raise ConfigError(f"{path}: unsupported model format {raw.get('format')!r}, expected {MODEL_FORMAT}")
+    if not isinstance(raw, dict) or raw.get("format") != MODEL_FORMAT:
+        fmt = raw.get("format") if isinstance(raw, dict) else None
+        raise ConfigError(f"{path}: unsupported model format {fmt!r}, expected {MODEL_FORMAT}")
     return raw
 
 
+# ------------------------------------------------------------------------ model.json -> draft manifest
+
+
+def _network_paths(raw: dict[str, Any]) -> dict[str, str]:
+    """Exported graphs, or where `m3dm export` will write them (the draft names them before they exist)."""
+    if raw.get("networks"):
+        return dict(raw["networks"])
+    preset = raw["preset"]
+    names = ["uff"] + [n for n in ("rgb", "point") if preset[f"{n}_backbone"] != "free"]
+    return {name: f"onnx/{name}.onnx" for name in names}
+
+
+def _bank_specs(raw: dict[str, Any]) -> dict[str, BankSpec]:
+    specs = {}
+    for name in BANKS:
+        entry = raw["banks"][name]
+        specs[name] = BankSpec(
+            path=entry["file"],
+            encoding="fp32",
+            rows=int(entry["rows"]),
+            dim=int(entry["dim"]),
+            grid=int(entry["grid"]),
+            stats_path=entry.get("stats_file"),  # row 0 mean, row 1 scale per channel
+        )
+    return specs
+
+
+def _scoring_spec(raw: dict[str, Any]) -> ScoringSpec:
+    norm = raw.get("normaliser") or {}
+    kinds = ("image_mean", "image_std", "pixel_mean", "pixel_std")
+    stats = {b: {k: float(norm[f"{k}_b"][i]) for k in kinds} for i, b in enumerate(BANKS)} if norm else {}
+    dlf = {
+        v: DLFCoefficients(
+            tuple(d["image"]["coef"]), d["image"]["offset"], tuple(d["pixel"]["coef"]), d["pixel"]["offset"]
+        )
+        for v, d in raw["dlf"].items()
+    }
+    s = raw["score"]
+    return ScoringSpec(s["rgb_lambda"], s["blur_sigma_px"], s["reweight_k"], s["output_size"], stats, dlf)
+
+
+def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, host: str) -> BundleManifest:
+    """The model folder's scoring facts as an unsigned draft manifest (the one schema)."""
+    p, prov = raw["preset"], raw.get("provenance", {})
+    now = datetime.now(UTC).replace(microsecond=0)
+    try:
+        return BundleManifest(
+            schema_version=SCHEMA_VERSION,
+            bundle_id=new_bundle_id(),
+            version=DRAFT_VERSION,
+            class_name=raw["class_name"],
+            preset=p["name"],
+            random_weights=bool(p.get("random_weights", False)),
+            created_utc=format_utc(now),
+            expires_utc=format_utc(now + timedelta(days=DRAFT_VALID_DAYS)),
+            anti_rollback_counter=0,
+            input_spec=InputSpec(
+                **{k: v for k, v in raw["preprocess"].items() if k in InputSpec.__struct_fields__}
+            ),
+            feature_spec=FeatureSpec(
+                p["rgb_backbone"],
+                p["point_backbone"],
+                p["rgb_dim"],
+                p["point_dim"],
+                p["rgb_dim"] + p["point_dim"],
+                p["rgb_grid"],
+                p["point_grid"],
+                p["num_groups"],
+                p["group_size"],
+            ),
+            networks={name: ArtifactRef(rel) for name, rel in _network_paths(raw).items()},
+            banks=_bank_specs(raw),
+            scoring=_scoring_spec(raw),
+            thresholds=Thresholds(
+                DECISION_VARIANT,
+                float(raw["thresholds"][DECISION_VARIANT]),
+                raw.get("false_reject_rate", 0.01),
+            ),
+            precision="fp32",
+            provenance=Provenance(
+                dataset=str(prov.get("data_root", "")),
+                training_config={"fit": raw.get("fit", {}), "preset": p, "export": raw.get("export", {})},
+                git_commit=prov.get("git_commit", "unknown"),
+                trainer_version=trainer_version,
+                host=host,
+            ),
+        )
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"model.json of {raw.get('class_name')!r} lacks a scoring fact: {err!r}") from None
+
+
+def write_draft_manifest(model_dir: Path, manifest: BundleManifest) -> Path:
+    """Write the draft atomically (canonical JSON, same bytes a bundle would hold before sealing)."""
+    path = Path(model_dir) / MANIFEST_NAME
+    tmp = path.with_name(MANIFEST_NAME + ".tmp")
+    tmp.write_bytes(canonical_json(manifest))
+    tmp.replace(path)
+    return path
+
+
+def read_draft_manifest(model_dir: Path) -> BundleManifest:
+    """The model folder's draft manifest; a folder from before drafts existed gets one built in memory."""
+    path = Path(model_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return draft_manifest_from_model_json(read_model_json(model_dir), "unknown", "unknown")
+    try:
+        return msgspec.convert(json.loads(path.read_bytes()), BundleManifest, strict=True)
+    except (json.JSONDecodeError, UnicodeDecodeError, msgspec.ValidationError, SchemaError) as err:
+        raise CorruptFileError(f"unreadable draft manifest: {err}", path) from None
+
+
+# ----------------------------------------------------------------------------------- model folder
+
+
 def load_model_info(model_dir: Path) -> ModelInfo:
+    """model.json + draft manifest -> ModelInfo (scoring facts from the manifest, through the one loader)."""
+    from edge.station_model import info_from_manifest
+
     raw = read_model_json(model_dir)
-    return ModelInfo(
-        root=Path(model_dir),
-        class_name=raw["class_name"],
-        preset=_dataclass_from(FeaturePreset, raw["preset"]),
-        preprocess=_dataclass_from(PreprocessConfig, raw["preprocess"]),
-        score=_dataclass_from(ScoreConfig, raw["score"]),
-        thresholds={k: float(v) for k, v in raw.get("thresholds", {}).items()},
-        false_reject_rate=float(raw.get("false_reject_rate", 0.01)),
-        raw=raw,
-    )
+    return info_from_manifest(Path(model_dir), read_draft_manifest(model_dir), raw=raw)
 
 
 def load_array(path: Path) -> np.ndarray:
@@ -79,52 +216,22 @@ def load_array(path: Path) -> np.ndarray:
 
 
 def load_banks(info: ModelInfo) -> dict[str, MemoryBank]:
-    banks = {}
-    for name in BANKS:
-        spec = info.raw["banks"][name]
-        banks[name] = MemoryBank(
-            name=name,
-            feats_mc=load_array(info.root / spec["file"]),
-            grid=int(spec["grid"]),
-            feat_mean_c=load_array(info.root / spec["mean_file"]),
-            feat_scale=load_array(info.root / spec["scale_file"])
-            if spec.get("scale_file")
-            else float(spec["feat_scale"]),
-        )
-    return banks
+    """The fp32 memory banks of a model folder (or a bundle), through the manifest's bank specs."""
+    from edge.station_model import memory_banks_from_manifest
 
-
-def load_dlf(raw: dict[str, Any]) -> dict[str, tuple[LinearOneClassSVM, LinearOneClassSVM]]:
-    return {
-        variant: (
-            LinearOneClassSVM(
-                np.asarray(raw["dlf"][variant]["image"]["coef"]), raw["dlf"][variant]["image"]["offset"]
-            ),
-            LinearOneClassSVM(
-                np.asarray(raw["dlf"][variant]["pixel"]["coef"]), raw["dlf"][variant]["pixel"]["offset"]
-            ),
-        )
-        for variant in COMBINATIONS
-    }
-
-
-def load_normaliser(raw: dict[str, Any]) -> ScoreNormaliser | None:
-    norm = raw.get("normaliser")
-    if norm is None:
-        return None
-    return ScoreNormaliser(**{k: np.asarray(v, dtype=np.float64) for k, v in norm.items()})
+    if info.manifest is None:
+        raise ConfigError(f"{info.root}: no manifest to load banks from")
+    return memory_banks_from_manifest(info.root, info.manifest)
 
 
 def load_scorer(
     info: ModelInfo, uff: Runner | None, banks: dict[str, MemoryBank] | None = None
 ) -> FrameScorer:
     """The FrameScorer of a model folder. `uff` is None only for a model fitted without UFF."""
+    from edge.station_model import scorer_from_manifest
+
     if info.raw.get("uff") is not None and uff is None:
         raise ConfigError(f"model {info.root} was fitted with UFF; a UFF runner is required")
-    return FrameScorer(
-        banks=banks if banks is not None else load_banks(info),
-        dlf=load_dlf(info.raw),
-        normaliser=load_normaliser(info.raw),
-        uff=uff,
-        score_cfg=info.score,
-    )
+    if info.manifest is None:
+        raise ConfigError(f"{info.root}: no manifest to build a scorer from")
+    return scorer_from_manifest(info.root, info.manifest, uff, info.score, banks)

@@ -6,8 +6,12 @@ normalisation, DLF weights, thresholds), so a station needs no other configurati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import tempfile
+import weakref
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from core.bank_codec import decode
-from core.config import FeaturePreset, PreprocessConfig, ScoreConfig
-from core.errors import ConfigError, M3DMError
+from core.config import PRESETS, FeaturePreset, PreprocessConfig, ScoreConfig
+from core.errors import ConfigError, CorruptFileError, M3DMError
 from core.features import FeatureRunners, extract_features
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
 from core.model import BANKS, FrameScorer, FrameScores
 from core.preprocess import prepare_scan
+from core.runner import Runner
 from core.scan import PatchFeatures, PreparedScan, RawScan
 from core.scoring import MemoryBank
 from edge.bundle import golden_map_sha256, load_banks, safe_extract, verify_bundle
@@ -64,10 +69,17 @@ class StationModel:
         return self.scorer.score(features)
 
 
-def info_from_manifest(root: Path, manifest: BundleManifest) -> ModelInfo:
-    fs, spec = manifest.feature_spec, manifest.scoring
-    preset = FeaturePreset(
-        name=manifest.preset,
+def _preset_from_manifest(manifest: BundleManifest, raw_preset: dict[str, Any] | None) -> FeaturePreset:
+    """The manifest's feature facts over the preset's trainer-only settings (point layers, weight needs,
+    BatchNorm mode): from model.json for a model folder, else the named preset's defaults."""
+    fs = manifest.feature_spec
+    base = PRESETS.get(manifest.preset) or FeaturePreset(manifest.preset, "free", "free", 224, 1, 1)
+    if raw_preset:
+        known = {f.name for f in dataclasses.fields(FeaturePreset)}
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in raw_preset.items() if k in known}
+        base = dataclasses.replace(base, **extra)
+    return dataclasses.replace(
+        base,
         rgb_backbone=fs.rgb_backbone,
         point_backbone=fs.point_backbone,
         rgb_input_size=manifest.input_spec.rgb_input_size,
@@ -79,7 +91,18 @@ def info_from_manifest(root: Path, manifest: BundleManifest) -> ModelInfo:
         group_size=fs.group_size,
         random_weights=manifest.random_weights,
     )
-    preprocess = PreprocessConfig(**manifest.input_spec.to_dict())
+
+
+def info_from_manifest(root: Path, manifest: BundleManifest, raw: dict[str, Any] | None = None) -> ModelInfo:
+    """ModelInfo from a manifest: a bundle's (sealed) or a model folder's draft, whose model.json is `raw`.
+
+    A model folder keeps every variant's threshold in model.json; a bundle ships the decision variant's.
+    """
+    spec = manifest.scoring
+    input_spec = manifest.input_spec.to_dict()
+    preprocess = PreprocessConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in input_spec.items()}
+    )
     score = ScoreConfig(
         reweight_k=spec.reweight_k,
         blur_sigma_px=spec.blur_sigma_px,
@@ -87,15 +110,19 @@ def info_from_manifest(root: Path, manifest: BundleManifest) -> ModelInfo:
         rgb_lambda=spec.rgb_lambda,
     )
     thr = manifest.thresholds
+    thresholds = {thr.variant: thr.image_threshold}
+    if raw is not None:
+        thresholds = {k: float(v) for k, v in raw.get("thresholds", {}).items()} or thresholds
     return ModelInfo(
         root=root,
         class_name=manifest.class_name,
-        preset=preset,
+        preset=_preset_from_manifest(manifest, None if raw is None else raw.get("preset")),
         preprocess=preprocess,
         score=score,
-        thresholds={thr.variant: thr.image_threshold},
+        thresholds=thresholds,
         false_reject_rate=thr.false_reject_rate,
-        raw=manifest.to_dict(),
+        raw=raw if raw is not None else manifest.to_dict(),
+        manifest=manifest,
     )
 
 
@@ -140,6 +167,24 @@ def scorer_parts(manifest: BundleManifest) -> tuple[dict, ScoreNormaliser | None
     return dlf, normaliser
 
 
+def scorer_from_manifest(
+    root: Path,
+    manifest: BundleManifest,
+    uff: Runner | None,
+    score_cfg: ScoreConfig,
+    banks: dict[str, MemoryBank] | None = None,
+) -> FrameScorer:
+    """The FrameScorer of a manifest: its banks, DLF weights and score normaliser, and this UFF runner."""
+    dlf, normaliser = scorer_parts(manifest)
+    return FrameScorer(
+        banks=banks if banks is not None else memory_banks_from_manifest(root, manifest),
+        dlf=dlf,
+        normaliser=normaliser,
+        uff=uff,
+        score_cfg=score_cfg,
+    )
+
+
 DEFAULT_ENGINE_CACHE = Path.home() / ".cache" / "m3dm" / "engines"
 
 
@@ -158,14 +203,7 @@ def station_model_from_manifest(
         for name, ref in manifest.networks.items()
     }
     runners = FeatureRunners(rgb=runner_of.get("rgb"), point=runner_of.get("point"))
-    dlf, normaliser = scorer_parts(manifest)
-    scorer = FrameScorer(
-        banks=memory_banks_from_manifest(root, manifest),
-        dlf=dlf,
-        normaliser=normaliser,
-        uff=runner_of["uff"],
-        score_cfg=info.score,
-    )
+    scorer = scorer_from_manifest(root, manifest, runner_of["uff"], info.score)
     backend_name = runner_of["uff"].backend
     summary = {
         "bundle_id": manifest.bundle_id,
@@ -186,6 +224,18 @@ def station_model_from_manifest(
     return StationModel(root, manifest, info, runners, scorer, backend_name, summary)
 
 
+def open_model_folder(model_dir: Path, runners: FeatureRunners, uff: Runner) -> StationModel:
+    """A trainer's model folder through the same loader as a bundle: its draft manifest, the caller's
+    (torch) runners. `m3dm eval --model` scores with this; a station never does (drafts are unsigned)."""
+    from edge.model_store import load_model_info
+
+    info = load_model_info(model_dir)
+    assert info.manifest is not None
+    scorer = scorer_from_manifest(info.root, info.manifest, uff, info.score)
+    summary = {"class": info.class_name, "preset": info.preset.name, "backend": uff.backend, "draft": True}
+    return StationModel(info.root, info.manifest, info, runners, scorer, uff.backend, summary)
+
+
 def open_bundle(
     bundle: Path,
     key: Path | None,
@@ -195,16 +245,27 @@ def open_bundle(
 ) -> StationModel:
     """Extract (if a tar), verify (if a key is given), load. Without a key the bundle is loaded UNVERIFIED."""
     bundle = Path(bundle)
-    root = bundle
+    root, scratch = bundle, None
     if bundle.is_file():
-        root = safe_extract(bundle, Path(tempfile.mkdtemp(prefix="m3dm-bundle-")) / bundle.stem)
-    if key is not None:
-        public = key / "bundle_signing.pub" if Path(key).is_dir() else Path(key)
-        manifest = verify_bundle(root, public, min_counter=min_counter)
-    else:
-        log.warning("bundle %s loaded WITHOUT signature verification (no --key given)", bundle)
-        manifest = manifest_from_json((root / MANIFEST_NAME).read_bytes())
-    return station_model_from_manifest(root, manifest, backend, engine_cache_dir)
+        scratch = Path(tempfile.mkdtemp(prefix="m3dm-bundle-"))
+    try:
+        if scratch is not None:
+            root = safe_extract(bundle, scratch / bundle.stem)
+        if key is not None:
+            public = key / "bundle_signing.pub" if Path(key).is_dir() else Path(key)
+            manifest = verify_bundle(root, public, min_counter=min_counter)
+        else:
+            log.warning("bundle %s loaded WITHOUT signature verification (no --key given)", bundle)
+            manifest = manifest_from_json((root / MANIFEST_NAME).read_bytes())
+        model = station_model_from_manifest(root, manifest, backend, engine_cache_dir)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if scratch is not None:
+        # the extracted copy lives as long as the model (golden inputs are read from it), then goes
+        weakref.finalize(model, shutil.rmtree, scratch, True)
+    return model
 
 
 @dataclass(frozen=True)
@@ -216,50 +277,62 @@ class GoldenResult:
     map_mean_actual: float
     map_sha256_exact: bool
     ok: bool
+    reason: str = ""  # why it failed: a score off by how much, or an input that could not be scored
 
 
-def golden_scan(root: Path, sample: GoldenSample) -> RawScan:
-    with np.load(root / sample.input_path, allow_pickle=False) as data:
-        return RawScan(rgb_hwc_u8=data["rgb"], xyz_hwc_m=data["xyz"], source=sample.input_path)
+def golden_scan(root: Path, sample: GoldenSample | str) -> RawScan:
+    """The golden input (.npz with uint8 `rgb` (H,W,3) and float `xyz` (H,W,3)); CorruptFileError if not."""
+    rel = sample if isinstance(sample, str) else sample.input_path
+    path = Path(root) / rel
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted({"rgb", "xyz"} - set(data.files))
+            if missing:
+                raise CorruptFileError(f"golden input lacks array(s) {missing}; it holds {data.files}", path)
+            rgb, xyz = data["rgb"], data["xyz"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptFileError(f"unreadable golden input: {type(err).__name__}: {err}", path) from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or xyz.shape != rgb.shape:
+        raise CorruptFileError(
+            f"golden input shapes rgb {rgb.shape}, xyz {xyz.shape}; need (H,W,3) both", path
+        )
+    return RawScan(rgb_hwc_u8=rgb, xyz_hwc_m=xyz, source=rel)
+
+
+def _replay_one(model: StationModel, sample: GoldenSample) -> GoldenResult:
+    try:
+        scores = model.score_raw(golden_scan(model.root, sample))
+    except M3DMError as err:
+        log.error("golden %s failed to score: %s", sample.input_path, err)
+        nan = float("nan")
+        return GoldenResult(
+            sample.input_path, sample.expected_image_score, nan, sample.expected_map_mean, nan, False, False,
+            f"could not be scored: {err}",
+        )  # fmt: skip
+    actual = scores.image[sample.variant]
+    map_hw = scores.maps[sample.variant]
+    map_mean = float(map_hw.mean())
+    tol = sample.tolerance_abs
+    image_off, map_off = abs(actual - sample.expected_image_score), abs(map_mean - sample.expected_map_mean)
+    ok = image_off <= tol and map_off <= tol
+    reason = (
+        "" if ok else f"image score off by {image_off:.3g}, map mean by {map_off:.3g} (tolerance {tol:.3g})"
+    )
+    return GoldenResult(
+        sample.input_path,
+        sample.expected_image_score,
+        actual,
+        sample.expected_map_mean,
+        map_mean,
+        golden_map_sha256(map_hw) == sample.expected_map_sha256,
+        ok,
+        reason,
+    )
 
 
 def replay_golden(model: StationModel) -> list[GoldenResult]:
-    """Score each golden input; a bundle is activated only if every result is within its tolerance."""
-    results = []
-    for sample in model.manifest.golden:
-        try:
-            scores = model.score_raw(golden_scan(model.root, sample))
-        except M3DMError as err:
-            log.error("golden %s failed to score: %s", sample.input_path, err)
-            results.append(
-                GoldenResult(
-                    sample.input_path,
-                    sample.expected_image_score,
-                    float("nan"),
-                    sample.expected_map_mean,
-                    float("nan"),
-                    False,
-                    False,
-                )
-            )
-            continue
-        actual = scores.image[sample.variant]
-        map_hw = scores.maps[sample.variant]
-        map_mean = float(map_hw.mean())
-        tol = sample.tolerance_abs
-        ok = (
-            abs(actual - sample.expected_image_score) <= tol
-            and abs(map_mean - sample.expected_map_mean) <= tol
-        )
-        results.append(
-            GoldenResult(
-                sample.input_path,
-                sample.expected_image_score,
-                actual,
-                sample.expected_map_mean,
-                map_mean,
-                golden_map_sha256(map_hw) == sample.expected_map_sha256,
-                ok,
-            )
-        )
-    return results
+    """Score each golden input; a bundle is activated only if every result is within its tolerance.
+
+    Never raises for a bad golden input: a missing array or unreadable file is a failed result with a reason.
+    """
+    return [_replay_one(model, sample) for sample in model.manifest.golden]

@@ -23,22 +23,15 @@ from core.model import BANKS
 from core.mvtec3d import list_samples, load_scan
 from edge.bundle import golden_map_sha256
 from edge.model_store import ModelInfo, load_banks, load_model_info
-from edge.station_model import replay_golden, station_model_from_manifest
-from protocol.manifest import (
-    SCHEMA_VERSION,
-    ArtifactRef,
-    BankSpec,
-    BundleManifest,
-    DLFCoefficients,
-    FeatureSpec,
-    GoldenSample,
-    InputSpec,
-    Provenance,
-    ScoringSpec,
-    Thresholds,
-    format_utc,
-    new_bundle_id,
+from edge.station_model import (
+    StationModel,
+    golden_scan,
+    info_from_manifest,
+    replay_golden,
+    scorer_from_manifest,
+    station_model_from_manifest,
 )
+from protocol.manifest import ArtifactRef, BankSpec, BundleManifest, GoldenSample, format_utc, new_bundle_id
 from trainer.bank_encode import (
     bank_suffix,
     choose_encoding_for_budget,
@@ -89,76 +82,28 @@ def stage_banks(info: ModelInfo, encodings: dict[str, str], staging: Path) -> di
     return specs
 
 
-def scoring_spec(info: ModelInfo) -> ScoringSpec:
-    raw = info.raw
-    norm = raw.get("normaliser") or {}
-    stats = (
-        {
-            bank: {
-                kind: float(norm[f"{kind}_b"][i])
-                for kind in ("image_mean", "image_std", "pixel_mean", "pixel_std")
-            }
-            for i, bank in enumerate(BANKS)
-        }
-        if norm
-        else {}
-    )
-    dlf = {
-        v: DLFCoefficients(
-            tuple(d["image"]["coef"]), d["image"]["offset"], tuple(d["pixel"]["coef"]), d["pixel"]["offset"]
-        )
-        for v, d in raw["dlf"].items()
-    }
-    s = info.score
-    return ScoringSpec(s.rgb_lambda, s.blur_sigma_px, s.reweight_k, s.output_size, stats, dlf)
-
-
 def draft_manifest(
     info: ModelInfo, banks: dict[str, BankSpec], version: str, counter: int, expires_days: int
 ) -> BundleManifest:
-    p = info.preset
+    """The model folder's draft manifest (the one schema), stamped for this release with its staged banks."""
+    if info.manifest is None:
+        raise ConfigError(f"{info.root}: model folder has no draft manifest")
+    base = info.manifest
     now = datetime.now(UTC).replace(microsecond=0)
-    raw = info.raw
-    return BundleManifest(
-        schema_version=SCHEMA_VERSION,
+    return msgspec.structs.replace(
+        base,
         bundle_id=new_bundle_id(),
         version=version,
-        class_name=info.class_name,
-        preset=p.name,
-        random_weights=p.random_weights,
         created_utc=format_utc(now),
         expires_utc=format_utc(now + timedelta(days=expires_days)),
         anti_rollback_counter=counter,
-        input_spec=InputSpec(
-            **{k: v for k, v in raw["preprocess"].items() if k in InputSpec.__struct_fields__}
-        ),
-        feature_spec=FeatureSpec(
-            p.rgb_backbone,
-            p.point_backbone,
-            p.rgb_dim,
-            p.point_dim,
-            p.fusion_dim,
-            p.rgb_grid,
-            p.point_grid,
-            p.num_groups,
-            p.group_size,
-        ),
-        networks={name: ArtifactRef(rel) for name, rel in raw["networks"].items()},
+        networks={name: ArtifactRef(ref.path) for name, ref in base.networks.items()},
         banks=banks,
-        scoring=scoring_spec(info),
-        thresholds=Thresholds(DECISION_VARIANT, info.thresholds[DECISION_VARIANT], info.false_reject_rate),
-        precision="fp32",
-        provenance=Provenance(
-            dataset=str(raw["provenance"].get("data_root", "")),
-            training_config={
-                "fit": raw.get("fit", {}),
-                "preset": raw["preset"],
-                "export": raw.get("export", {}),
-            },
-            git_commit=raw["provenance"].get("git_commit", "unknown"),
-            trainer_version=package_version("m3dm-fleet"),
-            host=platform.node(),
+        provenance=msgspec.structs.replace(
+            base.provenance, trainer_version=package_version("m3dm-fleet"), host=platform.node()
         ),
+        golden=[],
+        files={},
     )
 
 
@@ -181,19 +126,48 @@ def stage_golden_inputs(data_root: Path | None, class_name: str, staging: Path) 
 
 
 def golden_samples(staging: Path, manifest: BundleManifest, inputs: list[str]) -> list[GoldenSample]:
+    """Expected outputs, computed by the station's own loader on exactly the staged files (ONNX Runtime)."""
     model = station_model_from_manifest(staging, manifest, backend="ort")
     samples = []
     for rel in inputs:
-        with np.load(staging / rel, allow_pickle=False) as data:
-            from core.scan import RawScan
-
-            scores = model.score_raw(RawScan(rgb_hwc_u8=data["rgb"], xyz_hwc_m=data["xyz"], source=rel))
+        scores = model.score_raw(golden_scan(staging, rel))
         image, map_hw = scores.image[DECISION_VARIANT], scores.maps[DECISION_VARIANT]
         tol = max(1e-4, 1e-3 * abs(image))
         samples.append(
             GoldenSample(rel, image, golden_map_sha256(map_hw), float(map_hw.mean()), tol, DECISION_VARIANT)
         )
     return samples
+
+
+def cross_check_golden(
+    staging: Path, manifest: BundleManifest, model_dir: Path, weights_dir: Path | None
+) -> list[dict[str, float]]:
+    """Score every golden input a second, independent way: the trainer's torch networks (not the exported
+    ONNX graphs) over the same staged banks. A golden expectation both paths do not agree on is refused, so
+    replaying it on a station checks the station against the trainer, not only against itself."""
+    from trainer.backbones import WeightPaths, build_feature_runners
+    from trainer.fit import uff_runner
+    from trainer.train_uff import load_uff
+
+    info = info_from_manifest(staging, manifest)
+    runners = build_feature_runners(info.preset, WeightPaths(weights_dir=weights_dir))
+    uff = uff_runner(load_uff(Path(model_dir) / "uff.safetensors"))
+    scorer = scorer_from_manifest(staging, manifest, uff, info.score)
+    trainer_model = StationModel(staging, manifest, info, runners, scorer, "torch")
+    checked = []
+    for sample in manifest.golden:
+        scores = trainer_model.score_raw(golden_scan(staging, sample.input_path))
+        image = scores.image[sample.variant]
+        map_mean = float(scores.maps[sample.variant].mean())
+        off = max(abs(image - sample.expected_image_score), abs(map_mean - sample.expected_map_mean))
+        if off > sample.tolerance_abs:
+            raise ConfigError(
+                f"golden {sample.input_path}: station path scores {sample.expected_image_score:.6g} "
+                f"(map mean {sample.expected_map_mean:.6g}), trainer path {image:.6g} ({map_mean:.6g}); "
+                f"differ by {off:.3g} > tolerance {sample.tolerance_abs:.3g}"
+            )
+        checked.append({"station": sample.expected_image_score, "trainer": image, "abs_diff": off})
+    return checked
 
 
 def build_model_bundle(
@@ -206,10 +180,16 @@ def build_model_bundle(
     bank_encoding: str | None,
     budget_mb: float | None,
     data_root: Path | None,
+    weights_dir: Path | None = None,
 ) -> dict[str, Any]:
     info = load_model_info(model_dir)
     if "networks" not in info.raw:
-        raise ConfigError(f"{model_dir} has no ONNX graphs yet: run `m3dm export --model {model_dir}` first")
+        # Not exported yet: export here (ONNX + parity check) instead of sending the user away.
+        from trainer.pipeline import export_class
+
+        log.info("%s: no ONNX graphs yet, exporting first", info.class_name)
+        export_class(Path(model_dir), weights_dir, engine=False)
+        info = load_model_info(model_dir)
     staging = Path(tempfile.mkdtemp(prefix="m3dm-stage-"))
     try:
         for rel in info.raw["networks"].values():
@@ -220,6 +200,7 @@ def build_model_bundle(
         inputs = stage_golden_inputs(data_root, info.class_name, staging)
         golden = golden_samples(staging, draft, inputs)
         draft = msgspec.structs.replace(draft, golden=golden)
+        cross_checked = cross_check_golden(staging, draft, model_dir, weights_dir)
         files = {str(p.relative_to(staging).as_posix()): p for p in sorted(staging.rglob("*")) if p.is_file()}
         bundle_dir = build_bundle(BundleContents(manifest=draft, files=files), key_dir, out)
     finally:
@@ -231,29 +212,45 @@ def build_model_bundle(
         "tar": str(tar_path_for(bundle_dir)),
         "banks": {n: s.encoding for n, s in banks.items()},
         "golden": len(golden),
+        "golden_cross_check": cross_checked,
     }
 
 
 def verify_model_bundle(bundle: Path, key_dir: Path, min_counter: int | None) -> dict[str, Any]:
-    """Signature/hash/expiry/counter checks, then (if they pass) the golden replay on ONNX Runtime."""
-    from edge.bundle import verify_report
+    """Signature/hash/expiry/counter checks, then (if they pass) the golden replay on ONNX Runtime.
+
+    Each check has `status` ok | failed | skipped (a check after a failure is not run, so it is not a FAIL).
+    A tar is extracted into a temporary folder that is removed again, whatever the outcome.
+    """
+    from edge.bundle import safe_extract, verify_report
     from edge.station_model import open_bundle
 
-    root = bundle
-    if bundle.is_file():
-        from edge.bundle import safe_extract
-
-        root = safe_extract(bundle, Path(tempfile.mkdtemp(prefix="m3dm-verify-")) / bundle.stem)
-    public = key_dir / "bundle_signing.pub" if key_dir.is_dir() else key_dir
-    report = verify_report(root, public, min_counter=min_counter).to_dict()
-    checks = {
-        name: {"ok": c["status"] == "ok", "message": c["message"]} for name, c in report["checks"].items()
-    }
-    ok = all(c["ok"] for c in checks.values())
-    if ok:
+    scratch = Path(tempfile.mkdtemp(prefix="m3dm-verify-")) if bundle.is_file() else None
+    try:
+        root = safe_extract(bundle, scratch / bundle.stem) if scratch is not None else bundle
+        public = key_dir / "bundle_signing.pub" if key_dir.is_dir() else key_dir
+        report = verify_report(root, public, min_counter=min_counter).to_dict()
+        checks = {
+            name: {"ok": c["status"] == "ok", "status": c["status"], "message": c["message"]}
+            for name, c in report["checks"].items()
+        }
+        ok = all(c["ok"] for c in checks.values())
+        if not ok:
+            checks["golden"] = {"ok": False, "status": "skipped", "message": "not replayed: a check failed"}
+            return {"ok": False, "bundle": str(bundle), "checks": checks}
         results = replay_golden(open_bundle(root, key_dir, backend="ort", min_counter=min_counter))
         golden_ok = all(r.ok for r in results)
-        detail = ", ".join(f"{r.actual:.5g} vs {r.expected:.5g}" for r in results) or "no golden samples"
-        checks["golden"] = {"ok": golden_ok, "message": f"{len(results)} replayed on ONNX Runtime: {detail}"}
-        ok = golden_ok
-    return {"ok": ok, "bundle": str(bundle), "checks": checks}
+        detail = "; ".join(
+            f"{r.input_path}: {r.actual:.5g} vs {r.expected:.5g}"
+            + (f" FAILED, {r.reason}" if not r.ok else "")
+            for r in results
+        )
+        checks["golden"] = {
+            "ok": golden_ok,
+            "status": "ok" if golden_ok else "failed",
+            "message": f"{len(results)} replayed on ONNX Runtime: {detail or 'no golden samples'}",
+        }
+        return {"ok": golden_ok, "bundle": str(bundle), "checks": checks}
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -47,6 +47,16 @@ def cli_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def require_data_root(root: Path) -> None:
+    """A data-set root that is not there is the user's typo, not a missing class: say so first."""
+    from core.errors import ConfigError
+
+    if not root.exists():
+        raise ConfigError(f"data root {root} does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"data root {root} is not a folder")
+
+
 def emit_json(payload: object) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -127,9 +137,13 @@ def data_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print counts as JSON.")] = False,
 ) -> None:
     """Counts per class, split and defect type."""
+    from core.errors import ConfigError
     from core.mvtec3d import dataset_summary, format_summary
 
+    require_data_root(root)
     summary = dataset_summary(root)
+    if not summary:
+        raise ConfigError(f"no classes found under {root} (expected <class>/train/good/rgb/*.png ...)")
     if as_json:
         emit_json(summary)
     else:
@@ -149,7 +163,7 @@ def train(
     weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
     allow_random_weights: Annotated[bool, typer.Option(help="Permit the m3dm-random preset.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for coreset, UFF and DLF.")] = 0,
-    uff_epochs: Annotated[int | None, typer.Option(help="Override UFF epochs.")] = None,
+    uff_epochs: Annotated[int | None, typer.Option(min=1, help="Override UFF epochs (>= 1).")] = None,
     rgb_fraction: Annotated[float, typer.Option(help="Coreset share of the RGB bank's own rows.")] = 0.1,
     point_fraction: Annotated[float, typer.Option(help="Coreset share of the point bank's own rows.")] = 0.1,
     fusion_fraction: Annotated[
@@ -167,6 +181,8 @@ def train(
     """Fit memory banks, UFF and DLF for each class; write a model folder per class."""
     from core.config import CoresetConfig
     from trainer.pipeline import train_classes
+
+    require_data_root(data)
 
     coreset = CoresetConfig(
         rgb_fraction=rgb_fraction,
@@ -212,6 +228,7 @@ def evaluate(
     if (model is None) == (bundle is None):
         typer.echo("error: give exactly one of --model or --bundle", err=True)
         raise typer.Exit(2)
+    require_data_root(data)
     if model is not None:
         results = evaluate_models(data, model, out, weights_dir, encodings)
     else:
@@ -264,13 +281,18 @@ def bundle_build(
     ] = None,
     bank_budget_mb: Annotated[float | None, typer.Option(help="Size budget for all banks together.")] = None,
     data: Annotated[Path | None, typer.Option(help="Data root to draw golden samples from.")] = None,
+    weights_dir: Annotated[
+        Path | None, typer.Option(help="Official checkpoints (only to export a not-yet-exported model).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON.")] = False,
 ) -> None:
-    """Build and sign a bundle: ONNX graphs, encoded banks, UFF/DLF, thresholds, golden samples."""
+    """Build and sign a bundle: ONNX graphs, encoded banks, UFF/DLF, thresholds, golden samples.
+
+    A model folder that was never exported is exported first (ONNX + parity check)."""
     from trainer.bundle_build import build_model_bundle
 
     summary = build_model_bundle(
-        model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data
+        model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data, weights_dir
     )
     if as_json:
         emit_json(summary)
@@ -293,8 +315,9 @@ def bundle_verify(
     if as_json:
         emit_json(report)
     else:
+        labels = {"ok": "ok     ", "failed": "FAIL   ", "skipped": "SKIPPED"}
         for name, check in report["checks"].items():
-            typer.echo(f"{'ok ' if check['ok'] else 'FAIL'} {name}: {check['message']}")
+            typer.echo(f"{labels[check['status']]} {name}: {check['message']}")
     if not report["ok"]:
         raise typer.Exit(1)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from core.features import FeatureRunners
 from core.model import VARIANTS, FrameScorer
-from edge.model_store import ModelInfo, load_model_info, load_scorer
+from edge.model_store import ModelInfo, load_model_info
 from trainer.dataset_features import SplitFeatures, extract_split
 from trainer.metrics import VariantMetrics, evaluate_variant
 from trainer.progress import track
@@ -149,6 +149,7 @@ def evaluate_models(
     data_root: Path, model: Path, out: Path | None, weights_dir: Path | None, encodings: bool = False
 ) -> dict[str, Any]:
     """Torch-path evaluation of one or more fitted class folders."""
+    from edge.station_model import open_model_folder
     from trainer.backbones import WeightPaths, build_feature_runners
     from trainer.fit import uff_runner
     from trainer.train_uff import load_uff
@@ -163,7 +164,11 @@ def evaluate_models(
             weights = WeightPaths(weights_dir=weights_dir)
             runners_by_preset[info.preset.name] = build_feature_runners(info.preset, weights)
         runners = runners_by_preset[info.preset.name]
-        scorer = load_scorer(info, uff_runner(load_uff(class_dir / "uff.safetensors")))
+        # The one loader a station uses too (draft manifest instead of a signed one), with torch runners.
+        model_view = open_model_folder(
+            class_dir, runners, uff_runner(load_uff(class_dir / "uff.safetensors"))
+        )
+        info, scorer = model_view.info, model_view.scorer
         metrics, scored = evaluate_class(data_root, info, runners, scorer, report_dir)
         results[info.class_name] = metrics
         extra["classes_meta"][info.class_name] = {

@@ -148,3 +148,18 @@ def test_scorer_rejects_missing_parts() -> None:
     wrong = _dlf() | {"rgb+point": _dlf()["rgb+point+fusion"]}
     with pytest.raises(ConfigError):
         FrameScorer(banks, wrong, None, None, ScoreConfig())
+
+
+def test_prepare_dlf_inputs_applies_each_banks_own_normalisation() -> None:
+    """Distinct stats per bank and an input the normaliser moves: skipping it cannot go unnoticed."""
+    norm = ScoreNormaliser(
+        np.array([1.0, 2.0, 4.0]),
+        np.array([2.0, 0.5, 4.0]),
+        np.array([0.5, 1.0, 3.0]),
+        np.array([1.0, 2.0, 0.5]),
+    )
+    image, maps = prepare_dlf_inputs(np.array([3.0, 3.0, 3.0]), np.full((3, 2, 2), 2.0), norm, 0.1)
+    # (x - mean_b) / std_b + NORMALISED_SHIFT (3), bank by bank
+    np.testing.assert_allclose(image, [4.0, 5.0, 2.75], rtol=1e-6)
+    np.testing.assert_allclose(maps[:, 0, 0], [4.5, 3.5, 1.0], rtol=1e-6)
+    assert image.dtype == np.float32 and maps.dtype == np.float32

@@ -10,6 +10,7 @@ import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from manifest_factory import draft_manifest
@@ -123,7 +124,7 @@ def test_one_flipped_byte_anywhere_is_rejected(built, bundle_copy: Path, relpath
     else:
         assert failed == ["hashes"] and relpath in report.checks["hashes"].message
         expected = (HashMismatchError,)
-    with pytest.raises(expected):
+    with pytest.raises(expected, match=r"\[(schema|signature|hashes)\]"):
         verify_bundle(bundle_copy, built[1], now=NOW)
 
 
@@ -190,7 +191,7 @@ def test_truncated_tar_is_rejected_and_leaves_nothing(built, tmp_path: Path, cut
     }[cut]
     truncated = tmp_path / "cut.tar"
     truncated.write_bytes(data[:end])
-    with pytest.raises(ArchiveError):
+    with pytest.raises(ArchiveError, match="truncated|unreadable|no files"):
         safe_extract(truncated, tmp_path / "out" / "dest")
     assert not (tmp_path / "out" / "dest").exists()
     assert list((tmp_path / "out").iterdir()) == []  # the temporary directory was removed too
@@ -247,9 +248,18 @@ def test_inspect_dir_and_tar_agree(built) -> None:
         "encoding": "int8",
         "rows": 7,
         "dim": 4,
-        "size_bytes": from_dir["banks"]["point"]["size_bytes"],
+        "size_bytes": (built[0] / "banks/point.npz").stat().st_size,
     }
+    assert from_dir["networks"]["uff"]["size_bytes"] == len(b"\x08\x07uff graph bytes")
     assert from_dir["file_count"] == len(ALL_FILES)
+    assert from_dir["total_bytes"] == sum((built[0] / name).stat().st_size for name in ALL_FILES)
+
+
+def test_inspect_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match="not a bundle: manifest.json is missing"):
+        inspect_bundle(tmp_path)
+    with pytest.raises(ArchiveError, match="no such bundle"):
+        inspect_bundle(tmp_path / "nothing.tar")
 
 
 def test_load_banks_after_verification(built) -> None:
@@ -265,3 +275,64 @@ def test_golden_map_sha256_hashes_float16_bytes() -> None:
     map_hw = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
     assert golden_map_sha256(map_hw) == hashlib.sha256(map_hw.astype("<f2").tobytes()).hexdigest()
     assert golden_map_sha256(map_hw) != golden_map_sha256(map_hw + 1e-2)
+
+
+# ------------------------------------------------------------------ tampering at real sizes, every folder
+
+BIG_BYTES = 3 * 2**20 + 12345  # > 2 MiB: a digest of only the first MiB (or two) must not pass
+
+
+@pytest.fixture(scope="module")
+def big_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle whose network and bank files are multi-MiB, like a real fusion bank (2.2 MB)."""
+    root = tmp_path_factory.mktemp("big")
+    keygen(root / "keys")
+    contents = make_contents(root)
+    rng = np.random.default_rng(1)
+    rows = BIG_BYTES // 16
+    save_encoded_bank(encode_bank(rng.normal(size=(rows, 4)).astype(np.float32), "fp32"), root / "big.npy")
+    manifest = msgspec.structs.replace(
+        contents.manifest,
+        banks={**contents.manifest.banks, "rgb": BankSpec("banks/rgb.npy", "fp32", rows, 4, 28)},
+    )
+    files = {
+        **contents.files,
+        "onnx/uff.onnx": b"\x08\x07" + rng.bytes(BIG_BYTES),
+        "banks/rgb.npy": root / "big.npy",
+    }
+    bundle_dir = build_bundle(BundleContents(manifest, files), root / "keys", root / "bundles" / "big")
+    return bundle_dir, root / "keys" / "bundle_signing.pub"
+
+
+@pytest.mark.parametrize("relpath", ["onnx/uff.onnx", "banks/rgb.npy"])
+@pytest.mark.parametrize("where", ["last_byte", "past_2_mib"])
+def test_a_flip_deep_inside_a_multi_mib_file_is_rejected(
+    big_built, tmp_path: Path, relpath: str, where: str
+) -> None:
+    copy = Path(shutil.copytree(big_built[0], tmp_path / "b"))
+    path = copy / relpath
+    size = path.stat().st_size
+    assert size > 3 * 2**20
+    offset = size - 1 if where == "last_byte" else 2 * 2**20 + 7
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(HashMismatchError, match=f"{relpath}.*sha256"):
+        verify_bundle(copy, big_built[1], now=NOW)
+
+
+def test_the_multi_mib_bundle_verifies_untouched(big_built) -> None:
+    manifest = verify_bundle(big_built[0], big_built[1], now=NOW)
+    assert manifest.networks["uff"].size_bytes == BIG_BYTES + 2
+
+
+@pytest.mark.parametrize("folder", ["", "banks", "golden", "onnx", "onnx/extra", "newdir/deeper"])
+def test_an_unlisted_file_in_any_folder_is_rejected(built, bundle_copy: Path, folder: str) -> None:
+    target = bundle_copy / folder / "stowaway.bin"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"x" * 10)
+    relpath = target.relative_to(bundle_copy).as_posix()
+    with pytest.raises(HashMismatchError, match=f"{relpath}: file is not listed"):
+        verify_bundle(bundle_copy, built[1], now=NOW)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.model import VARIANTS
@@ -92,3 +93,95 @@ def test_flipped_byte_in_a_real_bundle_is_rejected(built_bundle: dict, tmp_path:
     report = verify_model_bundle(copy, built_bundle["keys"], None)
     assert not report["ok"]
     assert not report["checks"]["hashes"]["ok"] and "uff.onnx" in report["checks"]["hashes"]["message"]
+
+
+# ----------------------------------------------------------------- per-frame parity that a rescale breaks
+
+
+@pytest.fixture(scope="module")
+def both_paths(fleet_bundle: dict) -> dict:
+    """Every test frame of the fleet class scored twice: trainer path (model folder, torch UFF) and station
+    path (signed bundle, ONNX Runtime, banks as shipped)."""
+    from core.mvtec3d import list_samples, load_scan
+    from edge.station_model import open_bundle, open_model_folder
+    from trainer.backbones import WeightPaths, build_feature_runners
+    from trainer.fit import uff_runner
+    from trainer.train_uff import load_uff
+
+    model_dir = fleet_bundle["model"]
+    station = open_bundle(fleet_bundle["bundle"], fleet_bundle["keys"], backend="ort")
+    runners = build_feature_runners(station.info.preset, WeightPaths())
+    trainer = open_model_folder(model_dir, runners, uff_runner(load_uff(model_dir / "uff.safetensors")))
+    refs = list_samples(fleet_bundle["data"], fleet_bundle["class_name"], "test")
+    frames = []
+    for ref in refs:
+        raw = load_scan(ref)
+        frames.append((ref, trainer.score_raw(raw), station.score_raw(raw)))
+    return {"trainer": trainer, "station": station, "frames": frames}
+
+
+def test_every_frame_scores_the_same_on_both_paths(both_paths: dict) -> None:
+    assert len(both_paths["frames"]) >= 5
+    for ref, t, s in both_paths["frames"]:
+        assert set(t.image) == set(s.image) == set(VARIANTS)
+        for variant in VARIANTS:
+            assert s.image[variant] == pytest.approx(t.image[variant], rel=1e-4, abs=1e-5), (ref, variant)
+            assert s.maps[variant].shape == t.maps[variant].shape == (224, 224)
+            np.testing.assert_allclose(s.maps[variant], t.maps[variant], rtol=1e-4, atol=1e-4)
+        assert s.bank_image.shape == t.bank_image.shape == (3,)
+        np.testing.assert_allclose(s.bank_image, t.bank_image, rtol=1e-4, atol=1e-5)
+
+
+def test_threshold_value_and_every_decision_match(both_paths: dict) -> None:
+    from edge.decision import decide
+    from edge.model_store import DECISION_VARIANT, read_model_json
+
+    trainer_threshold = read_model_json(both_paths["trainer"].root)["thresholds"][DECISION_VARIANT]
+    shipped = both_paths["station"].manifest.thresholds
+    assert shipped.variant == DECISION_VARIANT
+    assert shipped.image_threshold == trainer_threshold  # the value, bit for bit, not only the name
+    decisions = []
+    for ref, t, s in both_paths["frames"]:
+        trainer_says = decide(t.image[DECISION_VARIANT], trainer_threshold)
+        station_says = decide(s.image[DECISION_VARIANT], shipped.image_threshold)
+        assert station_says == trainer_says, ref
+        decisions.append(station_says)
+    # a threshold that decides nothing (all OK or all NOK) would make the comparison above vacuous
+    assert {"OK", "NOK"} <= set(decisions)
+
+
+def test_build_cross_checks_golden_against_the_trainer(fleet_bundle: dict) -> None:
+    manifest = json.loads((fleet_bundle["bundle"] / "manifest.json").read_text())
+    assert len(manifest["golden"]) == 3
+
+
+def test_cross_check_refuses_expectations_the_trainer_does_not_reproduce(fleet_bundle: dict) -> None:
+    import msgspec
+
+    from core.errors import ConfigError
+    from protocol.manifest import manifest_from_json
+    from trainer.bundle_build import cross_check_golden
+
+    manifest = manifest_from_json((fleet_bundle["bundle"] / "manifest.json").read_bytes())
+    checked = cross_check_golden(fleet_bundle["bundle"], manifest, fleet_bundle["model"], None)
+    assert len(checked) == 3 and all(c["abs_diff"] <= 1e-4 + 1e-3 * abs(c["station"]) for c in checked)
+    g0 = manifest.golden[0]
+    wrong = msgspec.structs.replace(
+        manifest, golden=[msgspec.structs.replace(g0, expected_image_score=g0.expected_image_score * 2)]
+    )
+    with pytest.raises(ConfigError, match=f"golden {g0.input_path}: station path scores .* trainer path"):
+        cross_check_golden(fleet_bundle["bundle"], wrong, fleet_bundle["model"], None)
+
+
+def test_station_scores_follow_the_trainers_own_dlf_weights(both_paths: dict) -> None:
+    """Independent of every loader: model.json's DLF weights and normaliser stats, written at fit time from
+    the fitted objects, applied by hand to the station's per-bank scores must give its fused image score."""
+    from edge.model_store import DECISION_VARIANT, read_model_json
+
+    raw = read_model_json(both_paths["trainer"].root)
+    coef = np.asarray(raw["dlf"][DECISION_VARIANT]["image"]["coef"])
+    norm = raw["normaliser"]
+    mean, std = np.asarray(norm["image_mean_b"]), np.asarray(norm["image_std_b"])
+    for ref, _, s in both_paths["frames"]:
+        by_hand = float(((s.bank_image - mean) / std + 3.0) @ coef)
+        assert s.image[DECISION_VARIANT] == pytest.approx(by_hand, rel=1e-5, abs=1e-6), ref

@@ -74,19 +74,11 @@ def test_eval_mode_is_deterministic_and_batch_independent() -> None:
 
 def test_onnx_export_with_dynamic_batch(tmp_path) -> None:  # noqa: ANN001
     model = random_init(PointMAEEncoder(dim=48, heads=6).eval(), seed=0)
-    path = tmp_path / "point.onnx"
-    args = (torch.randn(1, 16, 8, 3), torch.randn(1, 16, 3))
-    names = ["neighborhood", "centers", "group_features"]
-    torch.onnx.export(
-        model,
-        args,
-        str(path),
-        input_names=names[:2],
-        output_names=names[2:],
-        opset_version=17,
-        dynamic_axes={name: {0: "batch"} for name in names},
-        dynamo=False,
-    )
+    from trainer.export import export_onnx
+
+    # the exporter the product uses (names, dynamic batch, opset), not a hand-rolled torch.onnx.export call
+    example = {"neighborhood": torch.randn(1, 16, 8, 3), "centers": torch.randn(1, 16, 3)}
+    path = export_onnx(model, example, ["group_features"], tmp_path / "point.onnx")
     generator = torch.Generator().manual_seed(1)
     inputs = (torch.randn(3, 16, 8, 3, generator=generator), torch.randn(3, 16, 3, generator=generator))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -60,17 +60,10 @@ def test_unknown_backbone_is_a_config_error() -> None:
 def test_onnx_export_with_dynamic_batch(tmp_path) -> None:  # noqa: ANN001
     config = ViTConfig(patch_size=14, input_size=56, dim=32, depth=2, heads=2, layer_scale=True)
     model = random_init(VisionTransformer(config).eval(), seed=0)
-    path = tmp_path / "rgb.onnx"
-    torch.onnx.export(
-        model,
-        (torch.randn(1, 3, 56, 56),),
-        str(path),
-        input_names=["image"],
-        output_names=["tokens"],
-        dynamic_axes={"image": {0: "batch"}, "tokens": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    from trainer.export import export_onnx
+
+    # the exporter the product uses (names, dynamic batch, opset), not a hand-rolled torch.onnx.export call
+    path = export_onnx(model, {"image": torch.randn(1, 3, 56, 56)}, ["tokens"], tmp_path / "rgb.onnx")
     images = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(2))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["tokens"], {"image": images.numpy()})
