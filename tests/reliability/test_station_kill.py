@@ -8,12 +8,15 @@ takes seconds. The collector is `tests/reliability/ack_server.py` (ROUTER + ZAP 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from reliability import servers
 from reliability.harness import AckServer, Driver, make_keys, outbox_depth, outbox_epochs, reconcile
 from reliability.tcp_proxy import TcpProxy
 
@@ -88,3 +91,82 @@ def test_network_cut_through_proxy_reconciles_exactly(tmp_path: Path, mode: str)
         figures = reconcile(server.rows(), "st-cut", assigned, station.lines)
         assert figures["stored"] == 600
         assert stored_during_cut < 600
+
+
+def _edge_run(fleet_bundle: dict, keys, station_keys: Path, endpoint: str, outbox: Path, source: str, *extra):
+    cmd = [
+        *servers.M3DM,
+        "edge",
+        "run",
+        "--bundle",
+        str(fleet_bundle["bundle"]),
+        "--key",
+        str(fleet_bundle["keys"]),
+    ]
+    cmd += ["--station-id", "st-cli", "--source", source, "--collector", endpoint, "--outbox", str(outbox)]
+    cmd += ["--curve-dir", str(station_keys), "--collector-key", str(keys.collector_public)]
+    cmd += ["--backend", "ort", "--backpressure", "block", *extra]
+    return cmd
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, f"the station exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_real_station_sigkill_mid_stream_into_real_collector(fleet_bundle: dict, tmp_path: Path) -> None:
+    """Issue 8's done-when with the real commands: `m3dm edge run` scoring a generated class into
+    `m3dm collector serve`, SIGKILLed mid-stream (with unacked results in its outbox), restarted with
+    --once on the same outbox: every result stored exactly once, seq contiguous per epoch."""
+    keys = make_keys(tmp_path / "keys")
+    station_keys = keys.station("st-cli")
+    outbox = tmp_path / "outbox.sqlite"
+    test_dir = fleet_bundle["data"] / fleet_bundle["class_name"] / "test"
+    n_frames = sum(1 for _ in test_dir.glob("*/rgb/*.png"))
+    with servers.collector(tmp_path, keys.collector_dir, keys.allow_dir) as collector:
+        first_cmd = _edge_run(
+            fleet_bundle, keys, station_keys, collector.endpoint, outbox, f"folder:{test_dir}?loop=1"
+        )
+        with (tmp_path / "station1.err").open("wb") as err:
+            first = subprocess.Popen(first_cmd, stdout=subprocess.DEVNULL, stderr=err, env=servers.env())
+            try:
+                _wait_for(
+                    lambda: servers.stored_count(tmp_path, "st-cli") >= 3, first, 120, "3 stored results"
+                )
+                os.kill(collector.proc.pid, signal.SIGSTOP)  # acks stop; results pile up in the outbox
+                try:
+                    _wait_for(lambda: outbox_depth(outbox) >= 3, first, 60, "3 unacked results")
+                finally:
+                    first.kill()
+                    first.wait(timeout=10)
+                    os.kill(collector.proc.pid, signal.SIGCONT)
+            finally:
+                if first.poll() is None:
+                    first.kill()
+                    first.wait(timeout=10)
+        assert outbox_depth(outbox) >= 3
+        second_cmd = _edge_run(
+            fleet_bundle, keys, station_keys, collector.endpoint, outbox, f"folder:{test_dir}", "--once"
+        )
+        second = subprocess.run(second_cmd, capture_output=True, text=True, timeout=180, env=servers.env())
+        assert second.returncode == 0, second.stderr[-3000:]
+        time.sleep(0.5)
+        query = [*servers.M3DM, "collector", "query", "--db", servers.db_url(tmp_path), "--station", "st-cli"]
+        done = subprocess.run(
+            [*query, "--limit", "100000", "--json"], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        ("st-cli", r["epoch"], r["seq"], r["frame_id"], r["decision"], r["capture_ts"], 0)
+        for r in json.loads(done.stdout)
+    ]
+    assert outbox_depth(outbox) == 0
+    assigned = outbox_epochs(outbox)
+    epoch_a, epoch_b = sorted(assigned)
+    assert epoch_b == epoch_a + 1
+    assert assigned[epoch_b] == n_frames, "the restarted station scored the finite folder once"
+    figures = reconcile(rows, "st-cli", assigned, [])
+    assert figures["stored"] == assigned[epoch_a] + n_frames
