@@ -24,6 +24,7 @@ __all__ = [
     "BANK_ENCODINGS",
     "MANIFEST_NAME",
     "NETWORK_NAMES",
+    "INDEX_KINDS",
     "PRECISIONS",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
@@ -49,7 +50,8 @@ SCHEMA_VERSION = "m3dm-bundle/1"
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 BANK_ENCODINGS = ("fp32", "fp16", "int8", "pq")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+INDEX_KINDS = ("ivf-flat", "hnsw")  # faiss ANN index files a bank may ship with
 NETWORK_NAMES = ("rgb", "point", "uff")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -253,12 +255,24 @@ class BankSpec(_Record):
     feat_std: float = 1.0
     stats_path: str | None = None  # optional per-dimension stats (.npy) instead of the scalars
     pq_m: int | None = None  # PQ sub-quantisers; only for encoding "pq"
+    # Optional faiss ANN index over the decoded rows (trainer/ann.py); absent: exact search.
+    index_path: str | None = None
+    index_kind: str | None = None  # one of INDEX_KINDS
+    index_params: dict[str, int] | None = None  # search knob: {"nprobe": n} or {"ef_search": n}
+    index_recall: float | None = None  # recall@1 vs exact on held-out normals when it was chosen
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_relpath(self.path)
         if self.stats_path is not None:
             check_relpath(self.stats_path)
+        _require(
+            (self.index_path is None) == (self.index_kind is None) == (self.index_params is None),
+            f"{self.path}: index_path, index_kind and index_params come together",
+        )
+        if self.index_path is not None:
+            check_relpath(self.index_path)
+            _require(self.index_kind in INDEX_KINDS, f"{self.path}: unknown index kind {self.index_kind!r}")
         _require(self.encoding in BANK_ENCODINGS, f"{self.path}: unknown bank encoding {self.encoding!r}")
         _require(self.rows > 0 and self.dim > 0 and self.grid > 0, f"{self.path}: rows/dim/grid must be > 0")
         _require(self.feat_std > 0, f"{self.path}: feat_std must be > 0")
@@ -395,6 +409,7 @@ class BundleManifest(_Record):
         """Every file the manifest points at (networks, banks, bank stats, golden inputs), sorted."""
         paths = {ref.path for ref in self.networks.values()} | {bank.path for bank in self.banks.values()}
         paths |= {bank.stats_path for bank in self.banks.values() if bank.stats_path is not None}
+        paths |= {bank.index_path for bank in self.banks.values() if bank.index_path is not None}
         paths |= {sample.input_path for sample in self.golden}
         return sorted(paths)
 
