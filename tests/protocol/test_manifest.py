@@ -163,3 +163,19 @@ def test_canonical_bytes_are_pinned_for_a_small_record() -> None:
     )
     raw = canonical_json(sealed_manifest(provenance=Provenance("s\u00e9", {}, "c", "0.1.0", "h")))
     assert raw.isascii() and b" " not in raw and b'"dataset":"s\\u00e9"' in raw
+
+
+def test_bank_index_fields_come_together_and_are_hashed_like_every_file() -> None:
+    from protocol.manifest import BankSpec
+
+    spec = BankSpec(
+        "banks/point.npy", "fp32", 75000, 1152, 56, index_path="banks/point.faiss", index_kind="ivf-flat",
+        index_params={"nprobe": 16}, index_recall=0.99,
+    )  # fmt: skip
+    assert BankSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SchemaError, match="come together"):
+        BankSpec("banks/point.npy", "fp32", 75000, 1152, 56, index_path="banks/point.faiss")
+    with pytest.raises(SchemaError, match="unknown index kind"):
+        BankSpec(
+            "banks/p.npy", "fp32", 9, 4, 56, index_path="banks/p.faiss", index_kind="lsh", index_params={}
+        )
