@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from protocol.frames import ProtocolError, blob_bytes
+from protocol.frames import ProtocolError, blob_bytes, check_map_meta
 from protocol.messages import Blob, InspectionResult, MapMeta
 
 __all__ = ["ResultRecord", "map_png", "png_to_map", "result_record"]
 
-_MAX_MAP_PIXELS = 4096 * 4096
 _THUMB_TYPES = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
 
 
@@ -42,9 +41,8 @@ def map_png(meta: MapMeta, payload: bytes) -> bytes:
 
     if meta.blob.codec != "u8-zlib":
         raise ProtocolError("bad_message", f"anomaly map codec {meta.blob.codec!r}; expected 'u8-zlib'")
+    check_map_meta(meta)  # sides > 0, bounded pixel count, finite offset/scale
     pixels = meta.height * meta.width
-    if not 0 < pixels <= _MAX_MAP_PIXELS:
-        raise ProtocolError("bad_message", f"anomaly map of {meta.height}x{meta.width} is out of range")
     try:
         # max_length bounds the output: a tiny payload must not inflate into gigabytes.
         raw = zlib.decompressobj().decompress(payload, pixels + 1)

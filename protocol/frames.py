@@ -12,6 +12,7 @@ each referenced blob exists and has the stated size. Sockets should also set `zm
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "Limits",
     "ProtocolError",
     "blob_bytes",
+    "check_map_meta",
     "decode",
     "dequantise_map",
     "encode",
@@ -55,6 +57,7 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 _MAX_MAP_PIXELS = 4096 * 4096
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class _Head(msgspec.Struct):
@@ -162,11 +165,20 @@ def quantise_map(map_hw: np.ndarray, frame: int) -> tuple[MapMeta, bytes]:
     return MapMeta(height=values.shape[0], width=values.shape[1], offset=lo, scale=scale, blob=blob), payload
 
 
+def check_map_meta(meta: MapMeta) -> None:
+    """Refuse a map header no station writes: a side <= 0 (-2 x -2 is 4 pixels), too many pixels, or an
+    offset/scale that makes any code non-finite in float32 (a NaN heatmap poisons every view of it)."""
+    if not (0 < meta.height and 0 < meta.width and meta.height * meta.width <= _MAX_MAP_PIXELS):
+        raise ProtocolError("bad_message", f"anomaly map of {meta.height}x{meta.width} is out of range")
+    top = abs(meta.offset) + 255.0 * abs(meta.scale)
+    if not (math.isfinite(meta.offset) and math.isfinite(meta.scale) and top < _FLOAT32_MAX):
+        raise ProtocolError("bad_message", f"map offset {meta.offset}, scale {meta.scale}: not finite")
+
+
 def dequantise_map(meta: MapMeta, payload: bytes) -> np.ndarray:
     """(height, width) float32 map back from `quantise_map` output; a corrupt payload raises ProtocolError."""
+    check_map_meta(meta)
     pixels = meta.height * meta.width
-    if not 0 < pixels <= _MAX_MAP_PIXELS:
-        raise ProtocolError("bad_message", f"anomaly map of {meta.height}x{meta.width} is out of range")
     try:
         # max_length bounds the output: a tiny payload must not inflate into gigabytes.
         inflater = zlib.decompressobj()

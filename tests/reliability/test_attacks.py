@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from protocol.errors import (
 )
 from protocol.frames import DEFAULT_LIMITS, decode, encode
 from protocol.manifest import MANIFEST_NAME, SIGNATURE_NAME, canonical_json, manifest_from_json
-from protocol.messages import Ack, Blob, ErrorReply, Heartbeat, InspectionResult
+from protocol.messages import Ack, Blob, ErrorReply, Heartbeat, InspectionResult, MapMeta
 from trainer.bundle import _load_private_key, keygen
 
 M3DM = servers.M3DM
@@ -261,6 +262,13 @@ def _result(station: str, seq: int, epoch: int = 1) -> InspectionResult:
     )
 
 
+def _with_map(result: InspectionResult, height: int, width: int, offset: float, scale: float) -> list:
+    """`result` with an anomaly map whose header says height x width but whose payload is 4 valid codes."""
+    payload = zlib.compress(bytes([0, 64, 128, 255]))
+    meta = MapMeta(height, width, offset, scale, Blob(frame=1, codec="u8-zlib", size_bytes=len(payload)))
+    return encode(msgspec.structs.replace(result, decision="NOK", anomaly_map=meta), [payload])
+
+
 def _acked(seq: int) -> Any:
     return lambda m: isinstance(m, Ack) and (m.upto_seq >= seq or seq in m.seqs)
 
@@ -418,6 +426,8 @@ def test_collector_decoder_refuses_oversized_and_malformed_messages_and_keeps_se
         "blob reference to a missing frame": encode(
             msgspec.structs.replace(_result("known", 5), thumbnail=Blob(frame=1, codec="jpeg", size_bytes=4))
         ),
+        "map of -2 x -2 pixels": _with_map(_result("known", 6), -2, -2, 0.0, 1.0),
+        "map with a NaN scale": _with_map(_result("known", 7), 2, 2, 0.0, float("nan")),
     }
     codes = {}
     try:
@@ -443,6 +453,8 @@ def test_collector_decoder_refuses_oversized_and_malformed_messages_and_keeps_se
         "unknown version": ["unsupported_version"],
         "unknown type": ["bad_message"],
         "blob reference to a missing frame": ["bad_message"],
+        "map of -2 x -2 pixels": ["bad_message"],
+        "map with a NaN scale": ["bad_message"],
     }
     assert acked, "the collector must go on acking good results after refusing bad ones"
     assert servers.stored_identities(tmp_path) == {("known", 1, 1)}
