@@ -26,10 +26,15 @@ Bounds and the full-outbox policy (RELIABILITY.md quotes this):
   and NOK results are kept over OK and ERROR ones. Every drop is counted per decision in the outbox file
   (`dropped_ok`, `dropped_error`, `dropped_nok`; they survive restarts), exported as metrics and sent in
   every heartbeat (`dropped`). A dropped result keeps its seq, so the collector sees the gap.
-  A full disk (`sqlite3.OperationalError: database or disk is full`) is handled by the same policy: the
-  transaction is rolled back, the WAL checkpointed, the lowest-priority older result (never one above the
-  new result's priority) dropped, and the insert retried; when nothing may be dropped the new result itself
-  is dropped and counted (`dropped_disk_full` too). The station never crashes on a full disk.
+  A full disk is handled by the same policy, never by crashing. Before each insert the outbox checks the
+  filesystem (statvfs): if the new result does not fit in pages freed inside the file while leaving
+  `min_free_bytes` free, older results are dropped in policy order (never one above the new result's
+  priority) until it does; when nothing may be dropped, the new result itself is dropped. The headroom is
+  needed because in WAL mode even a DELETE writes, and a checkpoint must be able to grow the file: a disk
+  run all the way to ENOSPC can end where no deletion fits any more (the 1 MiB tmpfs test showed it).
+  If SQLite still reports `database or disk is full` (another process filled the disk, or the quota
+  below), the transaction is rolled back, the WAL checkpointed, one result dropped by the same rule and
+  the insert retried. Drops for lack of space are also counted as `dropped_disk_full`.
   `disk_quota_bytes` emulates a small disk inside SQLite (`PRAGMA max_page_count`: the database file cannot
   grow past it and SQLite raises exactly that error); the tests also run against a real 1 MiB tmpfs where
   the machine allows mounting one.
@@ -131,6 +136,10 @@ class OutboxLimits:
     max_bytes: int = 1024 * 1024 * 1024
     max_events: int = 10_000
     disk_quota_bytes: int | None = None
+    # Free space kept on the outbox's filesystem (statvfs) by the same drop policy. SQLite needs it: in WAL
+    # mode even a DELETE writes, and a checkpoint must be able to grow the database file, so a disk run
+    # to ENOSPC can be left where no deletion fits any more. 0: rely on SQLITE_FULL alone.
+    min_free_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -233,8 +242,10 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=5000")
-        # Keep the WAL file small after checkpoints: on a nearly full disk its size is what we can free.
-        self._db.execute("PRAGMA journal_size_limit=1048576")
+        # A small, reused WAL: after a RESTART checkpoint the next transaction overwrites the WAL from its
+        # start, so on a full disk the deletions that make room need no new blocks.
+        self._db.execute("PRAGMA wal_autocheckpoint=64")
+        self._db.execute("PRAGMA journal_size_limit=2097152")
         self._db.executescript(_SCHEMA)
         if self.limits.disk_quota_bytes is not None:
             page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
@@ -314,6 +325,15 @@ class Outbox:
             frames[0],
             _blobs_encoder.encode(frames[1:]),
         )
+        if not self._room_for(priority, nbytes):
+            self._count_drop(decision, disk_full=True)
+            log.warning(
+                "outbox %s: dropped new %s result seq %d (disk full, nothing lower to drop)",
+                self.path,
+                decision,
+                seq,
+            )
+            return
         for _attempt in range(_DISK_FULL_RETRIES):
             counters_before = dict(self._counters)
             try:
@@ -371,7 +391,7 @@ class Outbox:
     def _free_space_for(self, priority: int) -> bool:
         """Disk full: checkpoint, then drop the lowest older result not above `priority`. False: none."""
         try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("PRAGMA wal_checkpoint(RESTART)")
         except sqlite3.OperationalError:
             pass
         counters_before = dict(self._counters)
@@ -393,6 +413,22 @@ class Outbox:
             log.warning("outbox %s: cannot even drop a result on a full disk: %s", self.path, err)
             return False
         return True
+
+    def _room_for(self, priority: int, nbytes: int) -> bool:
+        """Keep `min_free_bytes` free on the filesystem, dropping by policy; False: drop the new result."""
+        if self.limits.min_free_bytes <= 0:
+            return True
+        while True:
+            fs = os.statvfs(self.path.parent)
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            reusable = self._db.execute("PRAGMA freelist_count").fetchone()[0] * page
+            growth = max(nbytes + 8 * page - reusable, 0)
+            # Fits in pages freed inside the file, or leaves the headroom free: no drop needed.
+            if growth == 0 or fs.f_bavail * fs.f_frsize - growth >= self.limits.min_free_bytes:
+                return True
+            log.warning("outbox %s: filesystem nearly full: applying the drop policy", self.path)
+            if not self._free_space_for(priority):
+                return False
 
     def _count_drop(self, decision: str, disk_full: bool) -> None:
         self._counters[f"dropped_{decision.lower()}"] += 1
