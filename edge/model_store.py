@@ -101,6 +101,7 @@ def _bank_specs(raw: dict[str, Any]) -> dict[str, BankSpec]:
     specs = {}
     for name in BANKS:
         entry = raw["banks"][name]
+        index = entry.get("index") or {}  # a faiss ANN index chosen by the trainer (trainer/ann.py)
         specs[name] = BankSpec(
             path=entry["file"],
             encoding="fp32",
@@ -108,6 +109,10 @@ def _bank_specs(raw: dict[str, Any]) -> dict[str, BankSpec]:
             dim=int(entry["dim"]),
             grid=int(entry["grid"]),
             stats_path=entry.get("stats_file"),  # row 0 mean, row 1 scale per channel
+            index_path=index.get("file"),
+            index_kind=index.get("kind"),
+            index_params=index.get("params"),
+            index_recall=index.get("recall_at_1"),
         )
     return specs
 

@@ -137,12 +137,20 @@ def memory_banks_from_manifest(root: Path, manifest: BundleManifest) -> dict[str
         stats_2c = load_array(root / spec.stats_path)  # row 0 mean, row 1 scale, per channel
         if stats_2c.shape != (2, spec.dim):
             raise ConfigError(f"bank {name!r}: stats must be (2, {spec.dim}), got {stats_2c.shape}")
+        index = None
+        if spec.index_path is not None:  # faiss is imported only for a bank that ships an index
+            from core.ann import load_index
+
+            index = load_index(
+                root / spec.index_path, spec.index_kind, spec.index_params, spec.rows, spec.dim
+            )
         banks[name] = MemoryBank(
             name=name,
             feats_mc=decode(encoded[name]),
             grid=spec.grid,
             feat_mean_c=stats_2c[0],
             feat_scale=stats_2c[1] * np.float32(spec.feat_std),
+            index=index,
         )
     return banks
 

@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import faiss
 import numpy as np
 
 from core.ann import INDEX_KINDS, FaissIndex
 from core.errors import ConfigError
-from core.scoring import MemoryBank, nearest_neighbours
+from core.model import FrameScorer
+from core.scan import PatchFeatures
+from core.scoring import MemoryBank, nearest_neighbours, normalise_features
 
-__all__ = ["AnnChoice", "AnnConfig", "build_index", "choose_index", "recall_at_1"]
+__all__ = [
+    "AnnChoice",
+    "AnnConfig",
+    "attach_indexes",
+    "build_index",
+    "choose_index",
+    "held_out_queries",
+    "index_entry",
+    "recall_at_1",
+]
 
 log = logging.getLogger("m3dm.trainer")
 
@@ -37,6 +49,9 @@ class AnnConfig:
     kind: str = "ivf-flat"
     max_queries: int = 4000
     hnsw_m: int = 32
+    lists_per_sqrt_rows: float = 4.0  # IVF lists = this x sqrt(rows)
+    train_rows_per_list: int = 64  # k-means sample (faiss caps at 256/list); fewer trains faster
+    kmeans_iterations: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,11 +85,14 @@ def build_index(bank_mc: np.ndarray, kind: str, cfg: AnnConfig) -> FaissIndex:
         index.add(data)
         return FaissIndex(index, kind, {"ef_search": _HNSW_EFS[0]})
     # ~4·sqrt(M) lists is faiss' usual choice; k-means wants >= 39 rows per list, so never more than M/39.
-    nlist = max(1, min(int(4 * math.sqrt(rows)), rows // 39))
+    nlist = max(1, min(int(cfg.lists_per_sqrt_rows * math.sqrt(rows)), rows // 39))
     quantiser = faiss.IndexFlatL2(dim)
     index = faiss.IndexIVFFlat(quantiser, dim, nlist)
     index.cp.seed = cfg.seed
-    index.train(data)
+    index.cp.niter = cfg.kmeans_iterations
+    sample = min(rows, max(39, cfg.train_rows_per_list) * nlist)
+    pick = np.random.default_rng(cfg.seed).choice(rows, sample, replace=False) if sample < rows else None
+    index.train(data if pick is None else data[np.sort(pick)])
     index.add(data)
     return FaissIndex(index, kind, {"nprobe": 1})
 
@@ -129,3 +147,39 @@ def choose_index(bank: MemoryBank, queries_nc: np.ndarray, cfg: AnnConfig) -> An
         recall,
     )
     return AnnChoice(None, 1.0, f"{cfg.kind} could not reach recall {cfg.recall_target}: exact search")
+
+
+def held_out_queries(scorer: FrameScorer, features: list[PatchFeatures]) -> dict[str, np.ndarray]:
+    """Raw held-out query rows per bank as the station searches them: every rgb patch, foreground only for
+    point and fusion (background patches never reach the search)."""
+    rows: dict[str, list[np.ndarray]] = {"rgb": [], "point": [], "fusion": []}
+    for feats in features:
+        point = feats.point_hwc.reshape(-1, feats.point_hwc.shape[-1])
+        fg = point.any(axis=1)
+        fused = scorer.fused_features(feats)
+        rows["rgb"].append(feats.rgb_hwc.reshape(-1, feats.rgb_hwc.shape[-1]))
+        rows["point"].append(point[fg])
+        rows["fusion"].append(fused.reshape(-1, fused.shape[-1])[fg])
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def attach_indexes(
+    banks: dict[str, MemoryBank], queries_raw: dict[str, np.ndarray], cfg: AnnConfig
+) -> tuple[dict[str, MemoryBank], dict[str, AnnChoice]]:
+    """Banks with the chosen index attached (unchanged where exact) and the choice per bank."""
+    out, choices = {}, {}
+    for name, bank in banks.items():
+        choice = choose_index(bank, normalise_features(queries_raw[name], bank), cfg)
+        choices[name] = choice
+        out[name] = bank if choice.index is None else replace(bank, index=choice.index)
+    return out, choices
+
+
+def index_entry(choice: AnnChoice, bank_name: str, model_dir: Path) -> dict | None:
+    """Write the index next to the bank; the model.json entry describing it (None for exact search)."""
+    if choice.index is None:
+        return None
+    rel = f"banks/{bank_name}.faiss"
+    (model_dir / "banks").mkdir(parents=True, exist_ok=True)
+    choice.index.save(model_dir / rel)
+    return {"file": rel, "kind": choice.kind, "params": choice.params, "recall_at_1": choice.recall_at_1}

@@ -68,6 +68,11 @@ def stage_banks(info: ModelInfo, encodings: dict[str, str], staging: Path) -> di
         stats_rel = f"banks/{name}_stats.npy"
         scale_c = np.broadcast_to(np.asarray(bank.feat_scale, np.float32), bank.feat_mean_c.shape)
         np.save(staging / stats_rel, np.stack([bank.feat_mean_c, scale_c]), allow_pickle=False)
+        source = info.manifest.banks[name] if info.manifest is not None else None
+        index_rel = None
+        if source is not None and source.index_path is not None:  # the trainer's ANN index, as chosen
+            index_rel = f"banks/{name}.faiss"
+            shutil.copyfile(info.root / source.index_path, staging / index_rel)
         specs[name] = BankSpec(
             path=rel,
             encoding=enc,
@@ -78,6 +83,10 @@ def stage_banks(info: ModelInfo, encodings: dict[str, str], staging: Path) -> di
             feat_std=1.0,  # the per-channel scale lives in the stats file
             stats_path=stats_rel,
             pq_m=pq_m,
+            index_path=index_rel,
+            index_kind=source.index_kind if index_rel else None,
+            index_params=source.index_params if index_rel else None,
+            index_recall=source.index_recall if index_rel else None,
         )
     return specs
 

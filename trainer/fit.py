@@ -20,6 +20,7 @@ from core.errors import InputError
 from core.features import FeatureRunners
 from core.model import BANKS, FrameScorer
 from core.scan import PatchFeatures
+from trainer.ann import AnnConfig, attach_indexes, held_out_queries, index_entry
 from trainer.coreset import build_memory_bank
 from trainer.dataset_features import SplitFeatures, extract_split
 from trainer.dlf import fit_dlf, fit_score_normaliser
@@ -96,9 +97,17 @@ def split_off_validation(train: SplitFeatures, class_name: str) -> tuple[SplitFe
 
 
 def fit_class(
-    data_root: Path, class_name: str, cfg: FitConfig, runners: FeatureRunners, out_dir: Path
+    data_root: Path,
+    class_name: str,
+    cfg: FitConfig,
+    runners: FeatureRunners,
+    out_dir: Path,
+    ann: AnnConfig | None = None,
 ) -> dict[str, Any]:
-    """Fit and write `out_dir/model.json` with banks, UFF and DLF. Returns a summary with stage timings."""
+    """Fit and write `out_dir/model.json` with banks, UFF and DLF. Returns a summary with stage timings.
+
+    ann: per-bank ANN choice (default AnnConfig(): exact below 20k rows, else recall@1 >= 0.99).
+    """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     train = extract_split(data_root, class_name, "train", cfg.preset, cfg.preprocess, runners)
@@ -131,6 +140,13 @@ def fit_class(
     del fused_nhwc
     timings["fusion_bank_s"] = time.perf_counter() - t0
 
+    # Large banks get an ANN index meeting the recall target on held-out normals; everything below
+    # (normaliser, DLF, thresholds) is then computed through the search the station will run.
+    t0 = time.perf_counter()
+    queries = held_out_queries(provisional_scorer(banks, uff, cfg), held.features)
+    banks, ann_choices = attach_indexes(banks, queries, ann or AnnConfig())
+    timings["ann_s"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     held_image, held_maps = held_out_bank_scores(provisional_scorer(banks, uff, cfg), held)
     normaliser = fit_score_normaliser(held_image, held_maps)
@@ -162,9 +178,14 @@ def fit_class(
             "coreset": asdict(cfg.coreset),
             "uff": asdict(cfg.uff),
             "dlf": asdict(cfg.dlf),
+            "ann": asdict(ann or AnnConfig()),
             "seed": cfg.seed,
         },
-        "banks": {name: bank_to_files(banks[name], out_dir) for name in BANKS},
+        "banks": {
+            name: bank_to_files(banks[name], out_dir)
+            | {"index": index_entry(ann_choices[name], name, out_dir)}
+            for name in BANKS
+        },
         "uff": {
             "file": "uff.safetensors",
             "dims_file": "uff.json",

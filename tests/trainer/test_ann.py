@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,40 @@ def test_index_file_round_trip_and_scoring_with_it(data, tmp_path) -> None:
     # A miss can only find a farther row; the distance itself is exact, and most patches agree.
     assert (approx.patch_dist_hw >= exact.patch_dist_hw - 1e-5).all()
     assert np.mean(np.abs(approx.patch_dist_hw - exact.patch_dist_hw) < 1e-5) >= 0.95
+
+
+def test_an_index_ships_in_the_signed_bundle_and_the_station_searches_with_it(fleet_bundle, tmp_path) -> None:
+    import json
+    import shutil
+
+    from edge.model_store import load_banks, load_model_info, read_model_json
+    from edge.station_model import open_bundle, replay_golden
+    from trainer.ann import index_entry
+    from trainer.bundle_build import build_model_bundle
+    from trainer.model_io import write_model_json
+
+    model = tmp_path / "model"
+    shutil.copytree(fleet_bundle["model"], model)
+    bank = load_banks(load_model_info(model))["point"]
+    rng = np.random.default_rng(0)
+    queries = bank.feats_mc[rng.integers(0, bank.feats_mc.shape[0], 500)] + rng.normal(
+        0, 0.05, (500, bank.dim)
+    )
+    choice = choose_index(bank, queries.astype(np.float32), AnnConfig(exact_below_rows=0, recall_target=0.9))
+    raw = read_model_json(model)
+    raw.pop("format")
+    raw["banks"]["point"]["index"] = index_entry(choice, "point", model)
+    write_model_json(model, raw)
+    summary = build_model_bundle(
+        model, fleet_bundle["keys"], tmp_path / "bundle", "1.0.1", 2, 30, None, None, fleet_bundle["data"]
+    )
+    manifest = json.loads((Path(summary["path"]) / "manifest.json").read_text())
+    spec = manifest["banks"]["point"]
+    assert spec["index_path"] == "banks/point.faiss" and spec["index_path"] in manifest["files"]
+    station = open_bundle(Path(summary["path"]), fleet_bundle["keys"], backend="ort")
+    assert station.scorer.banks["point"].index is not None and station.scorer.banks["rgb"].index is None
+    assert all(r.ok for r in replay_golden(station))
+    # A tampered index file fails verification like any other file.
+    (Path(summary["path"]) / "banks" / "point.faiss").write_bytes(b"x")
+    with pytest.raises(Exception, match="(?i)hash|sha|digest"):
+        open_bundle(Path(summary["path"]), fleet_bundle["keys"], backend="ort")
