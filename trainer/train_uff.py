@@ -152,7 +152,13 @@ def train_uff(
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
             step_ms = 1000 * (time.perf_counter() - started_s) / steps_per_epoch
             epoch_loss = float(np.mean(history[-steps_per_epoch:]))
-            log.info("UFF epoch %d/%d: loss %.4f, %.0f ms/step", epoch + 1, epochs, epoch_loss, step_ms)
+            # One line per tenth of training (and the last epoch): enough to see convergence, not a wall.
+            level = (
+                logging.INFO
+                if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs
+                else logging.DEBUG
+            )
+            log.log(level, "UFF epoch %d/%d: loss %.4f, %.0f ms/step", epoch + 1, epochs, epoch_loss, step_ms)
     return block.eval(), history
 
 
