@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from reliability import servers
+from reliability.figures import record
 from reliability.harness import AckServer, Driver, make_keys, outbox_depth, outbox_epochs, reconcile
 from reliability.tcp_proxy import TcpProxy
 
@@ -64,6 +65,18 @@ def test_station_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path)
         second_ts = min(r[5] for r in rows if r[1] == epoch_b)
         assert second_ts < first_ts - 3000
         assert server.duplicates() > 0, "the resend must have delivered some results twice (deduplicated)"
+        record(
+            "station_sigkill",
+            sent=sum(assigned.values()),
+            stored=figures["stored"],
+            lost=0,
+            duplicated=0,
+            unacked_at_kill=left_unacked,
+            resent=second.final["stats"]["resent"],
+            deduplicated_by_collector=server.duplicates(),
+            epochs=len(assigned),
+            clock_back_s=3600,
+        )
         kinds = [e[2] for e in server.events()]
         assert kinds.count("started") == 2
 
@@ -91,6 +104,17 @@ def test_network_cut_through_proxy_reconciles_exactly(tmp_path: Path, mode: str)
         figures = reconcile(server.rows(), "st-cut", assigned, station.lines)
         assert figures["stored"] == 600
         assert stored_during_cut < 600
+        record(
+            f"network_cut_{mode}",
+            sent=600,
+            stored=figures["stored"],
+            lost=0,
+            duplicated=0,
+            cut_s=2.5,
+            stored_during_cut=stored_during_cut,
+            reconnects=stats["reconnects"],
+            resent=stats["resent"],
+        )
 
 
 def _edge_run(fleet_bundle: dict, keys, station_keys: Path, endpoint: str, outbox: Path, source: str, *extra):
@@ -170,3 +194,6 @@ def test_real_station_sigkill_mid_stream_into_real_collector(fleet_bundle: dict,
     assert assigned[epoch_b] == n_frames, "the restarted station scored the finite folder once"
     figures = reconcile(rows, "st-cli", assigned, [])
     assert figures["stored"] == assigned[epoch_a] + n_frames
+    record(
+        "station_sigkill_real", sent=sum(assigned.values()), stored=figures["stored"], lost=0, duplicated=0
+    )
