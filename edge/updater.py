@@ -299,8 +299,9 @@ class Updater:
         if root is None:
             try:
                 tar, _ = download_bundle(offer, self.dirs["downloads"], self._fetch_chunk(offer))
-            except (DownloadError, RegistryUnavailableError, RegistryRefusedError) as err:
+            except (DownloadError, RegistryRefusedError) as err:
                 raise UpdateFailedError("download", str(err)) from None
+            # RegistryUnavailableError propagates: not a verdict on the bundle; the next check-in resumes
             timings["download_ms"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
             verify_tar(tar, public, min_counter)  # BundleError: nothing unpacked
@@ -391,6 +392,14 @@ class Updater:
         except (UpdateFailedError, BundleError) as err:
             self._fail(offer, rollout_id, err, "install")
             return
+        except RegistryUnavailableError as err:
+            log.warning(
+                "station %s: download of %s paused (%s); resuming at the next check-in",
+                self.station_id,
+                offer.bundle_id[:8],
+                err,
+            )
+            return
         if is_locked(self.cfg.state_dir):
             self._deferred.add(offer.bundle_id)
             log.info(
@@ -478,6 +487,8 @@ class Updater:
         except (UpdateFailedError, BundleError) as err:
             self._fail(offer, "", err, "shadow")
             return
+        except RegistryUnavailableError:
+            return  # resumed at the next check-in
         except M3DMError as err:
             self._fail(offer, "", UpdateFailedError("shadow", str(err)), "shadow")
             return

@@ -309,10 +309,15 @@ def _assert_no_gaps(fleet: Fleet, good_frames: list[str]) -> None:
             by_epoch.setdefault(r.epoch, []).append(r.seq)
         for epoch, seqs in by_epoch.items():
             assert seqs == list(range(1, len(seqs) + 1)), f"{sid} epoch {epoch}: seq gap"
-        live = [r.frame_id.split("#")[0] for r in rows if not r.shadow]
-        expected = [good_frames[i % len(good_frames)] for i in range(len(live))]
-        assert live == expected, f"{sid}: a frame was skipped: {live}"
+        for epoch in by_epoch:  # a restarted station starts its source over, in a new epoch
+            live = [r.frame_id.split("#")[0] for r in rows if not r.shadow and r.epoch == epoch]
+            expected = [good_frames[i % len(good_frames)] for i in range(len(live))]
+            assert live == expected, f"{sid} epoch {epoch}: a frame was skipped: {live}"
         assert all(r.decision != "ERROR" for r in rows), f"{sid}: ERROR results"
+    from collector.schema import stations as collector_stations
+
+    dropped = {r.station_id: r.dropped for r in fleet.db_rows(sa.select(collector_stations))}
+    assert dropped == dict.fromkeys(STATIONS, 0)  # the stations' own count, from their heartbeats
 
 
 def test_fleet_rollout_refusal_rollback_resume_and_shadow(
@@ -338,6 +343,8 @@ def test_fleet_rollout_refusal_rollback_resume_and_shadow(
     _refused_at_canary(fleet, b, v11)
     _nok_shift_rolled_back(fleet, nok, v11)
     _shadow_compare(fleet, b, v11, nok)
+    _restart_keeps_the_active_bundle(fleet, "st-3", v11)
+    _assert_events(fleet)
     _assert_no_gaps(fleet, sorted(p.stem for p in (b["good_dir"] / "rgb").iterdir()))
     _report_swap_figures(fleet, timings, v1, v11)
 
@@ -457,6 +464,45 @@ def _shadow_compare(fleet: Fleet, b: dict, v11: str, nok: str) -> None:
     assert cmp["flips"] == cmp["flips_ok_to_nok"] == planted > 0
     assert cmp["score_correlation"] > 0.999  # same scores, another threshold
     assert cmp["nok_rate_delta"] == pytest.approx(planted / len(pairs))
+
+
+def _restart_keeps_the_active_bundle(fleet: Fleet, sid: str, v11: str) -> None:
+    """SIGKILL a station and start it again with the same config (--bundle still says v1): it runs v1.1."""
+    epoch = fleet.fleet()[sid].epoch
+    fleet.procs.kill(sid)
+    fleet.procs.start(sid, [M3DM, "edge", "run", "--config", str(fleet.tmp / sid / "station.toml")])
+    _wait(
+        f"{sid} back with a new epoch",
+        lambda: (r := fleet.fleet()[sid]).epoch != epoch and r.active_bundle_id == v11,
+        90,
+        fleet.procs,
+    )
+    _wait(
+        f"{sid} scoring again",
+        lambda: any(r.epoch != epoch and r.bundle_id == v11 for r in fleet.results(sid)),
+        90,
+        fleet.procs,
+    )
+    assert all(r.bundle_id == v11 for r in fleet.results(sid) if r.epoch != epoch)
+
+
+def _assert_events(fleet: Fleet) -> None:
+    """The stations told the collector what happened to each update (StationEvents through the outbox)."""
+    from collector.schema import events
+
+    def kinds(sid: str) -> set[str]:
+        return {r.kind for r in fleet.db_rows(sa.select(events.c.kind).where(events.c.station_id == sid))}
+
+    _wait(
+        "update events at the collector",
+        lambda: (
+            {"bundle_installed", "update_failed", "bundle_rolled_back"} <= kinds("st-1")
+            and "shadow_started" in kinds("st-3")
+        ),
+        30,
+        fleet.procs,
+    )
+    assert all("bundle_installed" in kinds(sid) for sid in STATIONS)
 
 
 def _shadow_pairs(fleet: Fleet, sid: str, active: str, candidate: str) -> dict[str, float]:

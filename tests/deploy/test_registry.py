@@ -251,3 +251,33 @@ def test_download_resumes_after_a_cut(tmp_path: Path, deploy_bundles: dict) -> N
     with pytest.raises(DownloadError, match="does not match its sha256"):
         download_bundle(msgspec.structs.replace(offer, bundle_id="c" * 32), downloads, corrupt)
     assert bad["n"] == 3  # three tries, then give up
+
+
+def test_registry_survives_bad_messages(keys: dict, registry) -> None:
+    import zmq
+
+    from protocol.curve import load_keypair, load_public_key
+    from protocol.deploy_messages import CheckIn, CheckInReply, ChunkRequest, station_accepts
+    from protocol.frames import decode, encode
+    from protocol.messages import ErrorReply
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    load_keypair(keys["station"]).apply_client(sock, load_public_key(keys["registry"] / "registry.key"))
+    sock.connect(registry.endpoint)
+    try:
+
+        def ask(frames: list[bytes]) -> object:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), "the registry stopped answering"
+            return decode(sock.recv_multipart(), station_accepts)[0]
+
+        assert ask([b"\xc1garbage"]).code == "bad_message"
+        assert ask([b"\x82\xa1v\x07\xa4type\xa7checkin"]).code == "unsupported_version"
+        refused = ask(encode(ChunkRequest(station_id="st-1", bundle_id="f" * 32, index=0)))
+        assert isinstance(refused, ErrorReply) and "unknown bundle" in refused.reason
+        reply = ask(encode(CheckIn(station_id="st-1", epoch=1, ts=time.time())))
+        assert isinstance(reply, CheckInReply)  # still serving
+    finally:
+        sock.close(0)
