@@ -41,7 +41,15 @@ class OrtRunner:
             raise InputError("ONNX graph not found", path=self.onnx_path)
         options = ort.SessionOptions()
         if intra_op_threads is not None:
+            if intra_op_threads < 1:
+                raise InputError(
+                    f"intra_op_threads must be >= 1, got {intra_op_threads}", path=self.onnx_path
+                )
+            # A pinned count also keeps ORT from spinning idle workers that steal the other stages' cores.
             options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.intra_op_threads = intra_op_threads
         try:
             self.session = ort.InferenceSession(
                 str(self.onnx_path), sess_options=options, providers=list(providers or default_providers())

@@ -3,7 +3,8 @@
 Written to the TensorRT 10 name-based tensor API (num_io_tensors, set_input_shape, set_tensor_address,
 execute_async_v3) with device buffers from cuda-python's cudart. `tensorrt` and `cuda` are imported lazily
 inside functions so this module imports on any machine. UNEXERCISED on CPU machines: only `profile_shapes`
-runs in the CPU test suite; the engine build and inference paths run under the `gpu` pytest marker.
+and the precision argument checks run in the CPU test suite; the engine build (FP32 / FP16 / INT8 with a
+calibration cache) and inference paths run under the `gpu` pytest marker.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import CorruptFileError, InputError, ShapeError
+from core.errors import ConfigError, CorruptFileError, InputError, ShapeError
 
 __all__ = [
+    "TRT_PRECISIONS",
+    "EntropyCalibrator",
     "TrtRunner",
     "build_engine",
     "compute_capability",
@@ -28,6 +31,7 @@ __all__ = [
 log = logging.getLogger("m3dm.edge")
 
 WORKSPACE_BYTES = 1 << 30  # builder scratch memory; 1 GiB fits an Orin NX and is ample for ViT-B
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def _trt() -> Any:
@@ -98,6 +102,54 @@ def _parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[A
     return network, parser  # the parser must outlive the network's use
 
 
+class EntropyCalibrator:
+    """INT8 entropy calibration over training inputs, with a calibration cache file.
+
+    With a readable cache the builder takes the scales from it and no batch is ever run (a station can
+    build an INT8 engine from the cache the trainer made); otherwise it feeds `batches` (dicts of
+    name -> float32 array, batch first) and writes the cache. Built lazily on the TensorRT base class.
+    """
+
+    def __new__(cls, batches: list[dict[str, np.ndarray]], cache_path: str | Path) -> Any:
+        trt = _trt()
+
+        class _Calibrator(trt.IInt8EntropyCalibrator2):
+            def __init__(self) -> None:
+                super().__init__()
+                self.cache_path = Path(cache_path)
+                self.batches = list(batches)
+                self.position = 0
+                self.device: dict[str, int] = {}
+
+            def get_batch_size(self) -> int:
+                return int(next(iter(self.batches[0].values())).shape[0]) if self.batches else 1
+
+            def get_batch(self, names: list[str]) -> list[int] | None:
+                if self.position >= len(self.batches):
+                    return None
+                cudart = _cudart()
+                batch = self.batches[self.position]
+                self.position += 1
+                pointers = []
+                for name in names:
+                    host = np.ascontiguousarray(batch[name], dtype=np.float32)
+                    if name not in self.device:
+                        self.device[name] = int(_cuda_call(cudart.cudaMalloc(host.nbytes)))
+                    kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+                    _cuda_call(cudart.cudaMemcpy(self.device[name], host.ctypes.data, host.nbytes, kind))
+                    pointers.append(self.device[name])
+                return pointers
+
+            def read_calibration_cache(self) -> bytes | None:
+                return self.cache_path.read_bytes() if self.cache_path.is_file() else None
+
+            def write_calibration_cache(self, cache: Any) -> None:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                self.cache_path.write_bytes(bytes(cache))
+
+        return _Calibrator()
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -106,11 +158,21 @@ def build_engine(
     opt_batch: int = 1,
     max_batch: int = 1,
     timing_cache_path: str | Path | None = None,
+    precision: str | None = None,
+    calibration_cache: str | Path | None = None,
+    calibration_batches: list[dict[str, np.ndarray]] | None = None,
 ) -> Path:
     """Build and serialize a TensorRT engine with one optimisation profile over the batch axis.
 
+    precision: "fp32", "fp16" or "int8" (overrides `fp16`). INT8 also allows FP16 kernels for layers
+    TensorRT keeps in float, and needs a calibration cache file or calibration batches (which write it).
     The timing cache, when given, is loaded before and saved after the build so rebuilds are fast.
     """
+    precision = precision or ("fp16" if fp16 else "fp32")
+    if precision not in TRT_PRECISIONS:
+        raise ConfigError(f"unknown TensorRT precision {precision!r}; use one of {TRT_PRECISIONS}")
+    if precision == "int8" and calibration_cache is None:
+        raise ConfigError("an INT8 engine needs a calibration cache path (and batches if it does not exist)")
     trt = _trt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -118,8 +180,11 @@ def build_engine(
     network, _parser = _parse_onnx(trt, builder, logger, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if fp16:
+    if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = EntropyCalibrator(calibration_batches or [], calibration_cache)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)

@@ -186,7 +186,46 @@ def test_failed_build_falls_back_and_leaves_nothing_loadable(tmp_path, caplog) -
     assert load_or_build(onnx_path, cache, "keyA", FakeBuilder()).action == "build"
 
 
+def test_intra_op_threads_are_pinned_per_runner(uff) -> None:
+    runner = make_runner(uff[1], backend="ort", intra_op_threads=1)
+    options = runner.session.get_session_options()
+    assert runner.intra_op_threads == 1 and options.intra_op_num_threads == 1
+    assert options.inter_op_num_threads == 1
+    inputs = _inputs()
+    np.testing.assert_allclose(runner.run(inputs)["fused"], OrtRunner(uff[1]).run(inputs)["fused"], atol=1e-5)
+    with pytest.raises(InputError, match="intra_op_threads"):
+        OrtRunner(uff[1], intra_op_threads=0)
+
+
+def test_trt_precision_arguments_are_checked_before_tensorrt_is_needed(uff, tmp_path) -> None:
+    from edge.runners.trt import build_engine
+
+    with pytest.raises(ConfigError, match="unknown TensorRT precision"):
+        build_engine(uff[1], tmp_path / "e", precision="int4")
+    with pytest.raises(ConfigError, match="calibration cache"):
+        build_engine(uff[1], tmp_path / "e", precision="int8")
+
+
 # ---- TensorRT on a GPU (deselected on CPU machines) ----
+
+
+@pytest.mark.gpu
+def test_trt_int8_engine_with_calibration_cache(uff, tmp_path) -> None:
+    from edge.runners.trt import TrtRunner, build_engine
+
+    batches = [_inputs(seed=s) for s in range(4)]
+    cache = tmp_path / "uff.calib"
+    engine = build_engine(uff[1], tmp_path / "a.engine", precision="int8", calibration_cache=cache,
+                          calibration_batches=batches)  # fmt: skip
+    assert cache.stat().st_size > 0
+    # A second build reads the cache and needs no batches (what a station does with the trainer's cache).
+    again = build_engine(uff[1], tmp_path / "b.engine", precision="int8", calibration_cache=cache)
+    inputs = _inputs(seed=9)
+    ref = OrtRunner(uff[1]).run(inputs)["fused"]
+    for path in (engine, again):
+        out = TrtRunner(path).run(inputs)["fused"]
+        cos = np.sum(out * ref, -1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
+        assert cos.mean() > 0.98
 
 
 @pytest.mark.gpu
