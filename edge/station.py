@@ -58,6 +58,8 @@ def configure_logging(station_id: str, level: str = "INFO") -> StationLogFilter:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # faiss announces every CPU-specific build it fails to find (ten lines); only its problems matter here.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     return filt
 
 

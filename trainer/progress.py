@@ -32,6 +32,8 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler]
     )
+    # faiss announces every CPU-specific build it fails to find (ten lines); only its problems matter here.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _progress() -> Progress:
