@@ -14,7 +14,7 @@ Strategies sharing the case budget:
 Hypothesis drives `--cases` (default 10 000, it is slow per case); a plain `random` engine then runs
 `--random-cases` more (default 100 000) of the splice / mutate / frames kinds at a few thousand per second.
 
-Usage: python bench/fuzz_protocol.py [--cases 10000] [--random-cases 100000] [--seed 0]
+Usage: python bench/fuzz_protocol.py [--cases 10000] [--random-cases 100000] [--seed 0] [--json-out F]
 Prints the number of cases per strategy and the outcome counts; exit 0 when nothing escaped, 1 otherwise.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=10_000, help="hypothesis cases")
     p.add_argument("--random-cases", type=int, default=100_000, help="stdlib-random cases after those")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -164,18 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     elapsed = time.perf_counter() - t0
     total = sum(tally.cases.values())
-    print(
-        json.dumps(
-            {
-                "cases": total,
-                "per_strategy": dict(tally.cases),
-                "outcomes": dict(tally.outcomes),
-                "escaped": len(tally.escaped),
-                "seconds": round(elapsed, 1),
-            },
-            indent=2,
-        )
-    )
+    report = {
+        "cases": total,
+        "hypothesis_cases": args.cases,
+        "random_cases": args.random_cases,
+        "per_strategy": dict(tally.cases),
+        "outcomes": dict(tally.outcomes),
+        "escaped": len(tally.escaped),
+        "seconds": round(elapsed, 1),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(report, indent=2))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"{total} cases, 0 escaped exceptions, {elapsed:.0f} s")
     return 0
 
