@@ -146,7 +146,8 @@ class Store:
         stmt = self._insert(t.inspections).on_conflict_do_nothing(
             index_elements=["station_id", "epoch", "seq"]
         )
-        inserted = conn.execute(stmt, rows).rowcount
+        # RETURNING counts the new rows on both backends (executemany rowcount is -1 on psycopg)
+        inserted = len(conn.execute(stmt.returning(t.inspections.c.seq), rows).all())
         blob_rows = [
             {"key": key, "media_type": media, "data": data, "created_ts": r.row["received_ts"]}
             for r in results
