@@ -7,7 +7,10 @@ engine at any point) is exercised in well under a second per case.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,10 +36,38 @@ OLD, NEW = "a" * 32, "b" * 32
 STATIONS = ("st-1", "st-2", "st-3")
 
 
+PG_ENV = "M3DM_TEST_PG_URL"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """SQLite, and a fresh PostgreSQL database per test (skipped only outside CI without a server)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        if os.environ.get("CI"):
+            pytest.fail(f"{PG_ENV} is not set under CI")
+        pytest.skip(f"{PG_ENV} not set (outside CI); .ci/run provides PostgreSQL")
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    name = f"m3dm_deploy_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture()
-def engine(tmp_path: Path) -> sa.Engine:
-    url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    upgrade_collector(make_engine(url))
+def engine(db_url: str, tmp_path: Path) -> Iterator[sa.Engine]:
+    url = db_url
+    collector_engine = make_engine(url)
+    upgrade_collector(collector_engine)
+    collector_engine.dispose()
     eng = open_db(url)
     payload = tmp_path / "b.tar"
     payload.write_bytes(b"x" * 10)
@@ -60,7 +91,8 @@ def engine(tmp_path: Path) -> sa.Engine:
             )
     for sid in STATIONS:
         checkin(eng, sid, OLD)
-    return eng
+    yield eng
+    eng.dispose()
 
 
 def checkin(engine: sa.Engine, sid: str, active: str, previous: str = "") -> object:

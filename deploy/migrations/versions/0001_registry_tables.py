@@ -105,7 +105,7 @@ def upgrade() -> None:
         sa.Column("previous_version", sa.String(length=64), server_default="", nullable=False),
         sa.Column("policy_version", sa.Integer(), server_default="0", nullable=False),
         sa.Column("shadow_bundle_id", sa.String(length=32), server_default="", nullable=False),
-        sa.Column("locked", sa.Boolean(), server_default=sa.text("0"), nullable=False),
+        sa.Column("locked", sa.Boolean(), server_default=sa.false(), nullable=False),
         sa.Column("health", sa.Text(), server_default="{}", nullable=False),
         sa.Column("last_checkin_ts", sa.Float(), server_default="0", nullable=False),
         sa.Column("desired_bundle_id", sa.String(length=32), server_default="", nullable=False),
