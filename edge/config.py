@@ -62,5 +62,8 @@ class StationConfig:
             raise ConfigError("max_fps, map_every_n_ok and thumbnail_px must be >= 0")
         if not self.station_id or "/" in self.station_id or "#" in self.station_id or "+" in self.station_id:
             raise ConfigError(f"station_id must be non-empty without '/', '#', '+': {self.station_id!r}")
+        upd = self.updater
+        if upd is not None and None in (upd.curve_dir or self.curve_dir, upd.signing_key or self.key):
+            raise ConfigError("[updater] needs a CURVE keypair (curve_dir) and a bundle signing key (key)")
         if self.collector is not None and (self.curve_dir is None or self.collector_key is None):
             raise ConfigError("a collector needs curve_dir (own keypair) and collector_key (its public key)")
