@@ -97,9 +97,11 @@ def make_runner(
         cal = Path(calibration_cache) if calibration_cache is not None else None
         runner = _trt_runner(onnx_path, cache_dir, trt_precision, max_batch, cal)
         if runner is not None:
-            log.info("runner for %s: backend %s (%s)", onnx_path.name, runner.backend, backend)
+            log.debug("runner for %s: backend %s (%s)", onnx_path.name, runner.backend, backend)
             return runner
         reason = "TensorRT engine unavailable, fell back"
     ort_runner = OrtRunner(onnx_path, intra_op_threads=intra_op_threads)
-    log.info("runner for %s: backend %s (%s)", onnx_path.name, ort_runner.backend, reason)
+    # The bundle's "loaded, backend X" line names the backend once; per-runner lines only when it matters.
+    level = logging.WARNING if reason.endswith("fell back") else logging.DEBUG
+    log.log(level, "runner for %s: backend %s (%s)", onnx_path.name, ort_runner.backend, reason)
     return ort_runner
