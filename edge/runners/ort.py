@@ -40,6 +40,11 @@ class OrtRunner:
         if not self.onnx_path.is_file():
             raise InputError("ONNX graph not found", path=self.onnx_path)
         options = ort.SessionOptions()
+        # No CPU arena and no memory-pattern pre-allocation: the arena keeps every run's peak activations
+        # (Point-MAE's 1024x128 point features are hundreds of MB) and grows run after run; without it an
+        # official-size station peaks at ~1.6 GB instead of 2.7 GB and settles at ~1.1 GB (BENCHMARKS.md).
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         if intra_op_threads is not None:
             if intra_op_threads < 1:
                 raise InputError(
