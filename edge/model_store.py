@@ -167,6 +167,7 @@ def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, ho
                 DECISION_VARIANT,
                 float(raw["thresholds"][DECISION_VARIANT]),
                 raw.get("false_reject_rate", 0.01),
+                score_quantiles=_score_quantiles(raw),
             ),
             precision="fp32",
             provenance=Provenance(
@@ -179,6 +180,12 @@ def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, ho
         )
     except (KeyError, TypeError) as err:
         raise ConfigError(f"model.json of {raw.get('class_name')!r} lacks a scoring fact: {err!r}") from None
+
+
+def _score_quantiles(raw: dict[str, Any]) -> dict[str, tuple[float, ...]]:
+    """variant -> validation-normal score quantiles from model.json's threshold report (older: none)."""
+    reports = raw.get("threshold_report") or {}
+    return {v: tuple(r["score_quantiles"]) for v, r in reports.items() if r.get("score_quantiles")}
 
 
 def write_draft_manifest(model_dir: Path, manifest: BundleManifest) -> Path:

@@ -315,10 +315,16 @@ class Thresholds(_Record):
     image_threshold: float
     false_reject_rate: float  # on held-out normal parts, at this threshold
     pixel_threshold: float | None = None
+    # variant -> 21 quantiles (0, 5, ..., 100 %) of out-of-fold image scores of the validation normals:
+    # the reference the collector compares each station's live OK scores against (drift alarms)
+    score_quantiles: dict[str, tuple[float, ...]] = {}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(0.0 <= self.false_reject_rate <= 1.0, "Thresholds: false_reject_rate must lie in [0, 1]")
+        for variant, quantiles in self.score_quantiles.items():
+            ascending = all(a <= b for a, b in zip(quantiles, quantiles[1:], strict=False))
+            _require(len(quantiles) >= 3 and ascending, f"Thresholds: score_quantiles[{variant}] must ascend")
 
 
 class Provenance(_Record):

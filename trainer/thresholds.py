@@ -44,6 +44,8 @@ class ThresholdReport:
     out_of_fold_rejects: int
     expected_false_reject_rate: float
     interval_95: tuple[float, float]  # [0, upper 95% bound] of the false-reject rate on new normals
+    # 0, 5, ..., 100 % quantiles of the out-of-fold normal scores (the manifest's drift reference)
+    score_quantiles: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class ThresholdReport:
             "out_of_fold_rejects": self.out_of_fold_rejects,
             "expected_false_reject_rate": self.expected_false_reject_rate,
             "interval_95": list(self.interval_95),
+            "score_quantiles": list(self.score_quantiles),
         }
 
 
@@ -110,5 +113,6 @@ def cross_fitted_thresholds(
             out_of_fold_rejects=n - k,
             expected_false_reject_rate=expected,
             interval_95=(0.0, upper),
+            score_quantiles=tuple(float(q) for q in np.quantile(scores_n, np.linspace(0.0, 1.0, 21))),
         )
     return reports
