@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 log = logging.getLogger("m3dm.demo")
-console = Console(stderr=True)
+# A log file or CI is not a terminal: rich would wrap tables at 80 columns and cut every cell.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 __all__ = ["DemoError", "DemoPlan", "run_demo"]
 
@@ -62,7 +64,7 @@ class DemoPlan:
         classes = ("ring", "gland")
         stations = {"station-1": "ring", "station-2": "ring", "station-3": "gland"}
         if quick:
-            return cls(classes, stations, size_px or 224, 12, 6, 4, 2)
+            return cls(classes, stations, size_px or 224, 8, 4, 3, 1)
         return cls(classes, stations, size_px or 400, 40, 8, 10, 5)
 
 
@@ -214,6 +216,7 @@ def _run_fleet(out: Path, plan: DemoPlan, built: dict, keys: Path, data: Path, k
         roll_out,
         start_stations,
         stream_parts,
+        wait_for_baseline,
         wait_forever,
         write_station_toml,
     )
@@ -238,6 +241,7 @@ def _run_fleet(out: Path, plan: DemoPlan, built: dict, keys: Path, data: Path, k
             )
         rollouts = {}
         with stage("rollout", timings, paths.logs):
+            wait_for_baseline(group, paths, list(plan.stations), per_station=4)
             for cls in plan.classes:
                 if cls not in plan.stations.values():
                     continue

@@ -188,6 +188,35 @@ def start_stations(group: ProcessGroup, configs: dict[str, Path], *extra: str) -
     }
 
 
+def wait_for_baseline(
+    group: ProcessGroup, paths: FleetPaths, station_ids: list[str], per_station: int
+) -> None:
+    """Hold the rollout until every station has results under its current bundle: the health gate compares
+    the new bundle's NOK rate and scores with the previous bundle's on the same stations."""
+    import sqlalchemy as sa
+
+    from collector.db import make_engine
+    from collector.schema import inspections as t
+
+    engine = make_engine(paths.db_url)
+    query = sa.select(t.c.station_id, sa.func.count()).group_by(t.c.station_id)
+
+    def enough() -> bool:
+        with engine.connect() as conn:
+            counts = dict(conn.execute(query).all())
+        return all(counts.get(sid, 0) >= per_station for sid in station_ids)
+
+    deadline = time.monotonic() + 300
+    try:
+        while not enough():
+            group.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stations sent fewer than {per_station} results each within 300 s")
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+
+
 def roll_out(
     paths: FleetPaths, tar: Path, signing_keys: Path, class_name: str, quick: bool
 ) -> dict[str, Any]:
