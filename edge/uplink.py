@@ -372,12 +372,14 @@ class Uplink:
             for item in self.outbox.pending_events(exclude=self._events_in_flight, limit=16):
                 if not self._send(item.frames):
                     break
+                if not self._in_flight and not self._events_in_flight:
+                    self._last_progress = time.monotonic()  # the ack timer covers events too
                 self._events_in_flight.add(item.event_id)
 
     def _sent_result(self, item: Pending) -> None:
         now = time.monotonic()
-        if not self._in_flight:
-            self._last_progress = now  # the ack timer starts with the first result in flight
+        if not self._in_flight and not self._events_in_flight:
+            self._last_progress = now  # the ack timer starts with the first message in flight
         self._in_flight[item.key] = now
         self._cursor = item.key
         self._counts["sent"] += 1
@@ -411,11 +413,14 @@ class Uplink:
             self._in_flight.pop(key, None)
         self._events_in_flight.difference_update(ack.event_ids)
         self._counts["acked"] += deleted
+        if self.outbox.depth() == 0 and self.outbox.event_depth() == 0:
+            self._notify_drained()
         self._last_ack = time.monotonic()
         self._last_progress = self._last_ack
-        if self.outbox.depth() == 0:
-            with self._drained:
-                self._drained.notify_all()
+
+    def _notify_drained(self) -> None:
+        with self._drained:
+            self._drained.notify_all()
 
     def _on_error(self, reply: ErrorReply) -> None:
         self._counts["errors"] += 1
@@ -441,9 +446,10 @@ class Uplink:
         if now - self._last_heard > hb * self.config.dead_after:
             self._reconnect(f"nothing heard from the collector for {now - self._last_heard:.1f} s")
             return
-        if self._in_flight and now - self._last_progress > self.config.ack_timeout_s:
+        waiting = self._in_flight or self._events_in_flight
+        if waiting and now - self._last_progress > self.config.ack_timeout_s:
             log.warning(
-                "uplink %s: no ack for %.1f s with %d in flight; sending them again",
+                "uplink %s: no ack for %.1f s with %d result(s) in flight; sending everything unacked again",
                 self.outbox.station_id,
                 now - self._last_progress,
                 len(self._in_flight),
