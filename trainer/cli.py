@@ -176,6 +176,10 @@ def train(
     false_reject_rate: Annotated[
         float, typer.Option(help="Share of validation normals the decision threshold may reject.")
     ] = 0.01,
+    point_bn: Annotated[
+        str | None,
+        typer.Option(help="Point-MAE BatchNorm: batch (per-cloud, the original's) or stored statistics."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Fit memory banks, UFF and DLF for each class; write a model folder per class."""
@@ -203,6 +207,7 @@ def train(
         uff_epochs,
         coreset=coreset,
         false_reject_rate=false_reject_rate,
+        point_bn=point_bn,
     )
     if as_json:
         emit_json(summary)
@@ -220,6 +225,12 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Report folder (default: <model>/report).")] = None,
     weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
     encodings: Annotated[bool, typer.Option(help="Also compare bank encodings against fp32.")] = False,
+    point_bn: Annotated[
+        str | None,
+        typer.Option(
+            help="A/B of Point-MAE BatchNorm: refit with this mode (batch|stored) and compare with --model."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full results as JSON.")] = False,
 ) -> None:
     """Five-variant I-AUROC / P-AUROC / AUPRO tables, curves and heatmap overlays."""
@@ -229,7 +240,14 @@ def evaluate(
         typer.echo("error: give exactly one of --model or --bundle", err=True)
         raise typer.Exit(2)
     require_data_root(data)
-    if model is not None:
+    if point_bn is not None and model is None:
+        typer.echo("error: --point-bn compares two fits of a model folder; give --model", err=True)
+        raise typer.Exit(2)
+    if point_bn is not None:
+        from trainer.point_bn_ab import point_bn_ab
+
+        results = point_bn_ab(data, model, point_bn, weights_dir, out)
+    elif model is not None:
         results = evaluate_models(data, model, out, weights_dir, encodings)
     else:
         results = evaluate_bundle(data, bundle, key, out)
@@ -338,13 +356,24 @@ def demo(
         "runs/demo"
     ),
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
-    size: Annotated[int, typer.Option(help="Generated image size in pixels.")] = 400,
+    size: Annotated[
+        int | None, typer.Option(help="Generated image size in pixels (default 400, --quick 224).")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Small data (1-2 minutes), the same stages.")] = False,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the fleet and dashboard up afterwards (Ctrl-C stops it).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Generate scans, train the weight-free preset, evaluate (five-variant table), build a signed bundle."""
-    from trainer.demo import run_demo
+    """The whole fleet locally: scans -> train -> eval -> signed bundles -> collector, registry and 3
+    stations -> canary rollout -> stream the test scans -> fleet stats vs offline evaluation."""
+    from trainer.demo import DemoError, run_demo
 
-    summary = run_demo(out, seed, size)
+    try:
+        summary = run_demo(out, seed, size, quick, keep_running)
+    except DemoError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     if as_json:
         emit_json(summary)
 
