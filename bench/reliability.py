@@ -6,9 +6,10 @@ Steps, each timed, each one's output kept under --out:
   1. pytest over every reliability-related test file (faults with real processes, attacks, bad input,
      protocol and manifest properties, bundle verification, the no-pickle scan), JUnit XML in
      reliability-junit.xml;
-  2. bench/fuzz_manifest.py and bench/fuzz_protocol.py (when present), >= 100k hypothesis cases each;
+  2. bench/fuzz_manifest.py (100k hypothesis cases) and bench/fuzz_protocol.py (10k hypothesis + 100k
+     random-engine cases);
   3. bench/load.py, 16 stations x 20 fps x 300 s with maps for NOK parts, into `m3dm collector serve`.
---quick shrinks steps 2 and 3 (10k cases; 8 x 10 fps x 60 s) for a machine someone else is using.
+--quick shrinks steps 2 and 3 (10k / 1k + 10k cases; 8 x 10 fps x 60 s) for a machine others are using.
 The summary (step, seconds, exit code, settings) goes to reliability_summary.json; RELIABILITY.md quotes the
 figures. Exit 0 only when every step passed. Budget: under 30 minutes on 2 cores.
 """
@@ -32,6 +33,9 @@ TEST_PATHS = [
     "tests/architecture/test_no_pickle.py",
     "tests/trainer/test_synth_corrupt.py",
     "tests/edge/test_bundle.py",
+    "tests/edge/test_bundle_precheck.py",
+    "tests/edge/test_outbox.py",
+    "tests/edge/test_uplink.py",
     "tests/edge/test_station.py",
     "tests/edge/test_pipeline.py",
     "tests/collector/test_service.py",
@@ -82,21 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         cases=cases,
     )
-    if (REPO / "bench" / "fuzz_protocol.py").exists():
-        _step(
-            "fuzz_protocol",
-            [
-                py,
-                "bench/fuzz_protocol.py",
-                "--cases",
-                str(cases),
-                "--json-out",
-                str(out / "fuzz_protocol.json"),
-            ],
-            out / "fuzz_protocol.log",
-            summary,
-            cases=cases,
-        )
+    # fuzz_protocol: hypothesis cases, then a plain random engine (10k + 100k by default, its own split)
+    proto = ["--cases", "1000", "--random-cases", "10000"] if args.quick else []
+    _step(
+        "fuzz_protocol",
+        [py, "bench/fuzz_protocol.py", *proto, "--json-out", str(out / "fuzz_protocol.json")],
+        out / "fuzz_protocol.log",
+        summary,
+        args=" ".join(proto) or "defaults (10k hypothesis + 100k random)",
+    )
     _step(
         "load",
         [py, "bench/load.py", *load, "--json-out", str(out / "load.json")],
