@@ -24,8 +24,9 @@ Bounds and the full-outbox policy (RELIABILITY.md quotes this):
   (oldest first), then ERROR results (oldest first), then NOK results (oldest first). The new result takes
   part like any other, so a new OK result is dropped at once when only NOK and ERROR results are stored,
   and NOK results are kept over OK and ERROR ones. Every drop is counted per decision in the outbox file
-  (`dropped_ok`, `dropped_error`, `dropped_nok`; they survive restarts), exported as metrics and sent in
-  every heartbeat (`dropped`). A dropped result keeps its seq, so the collector sees the gap.
+  (`dropped_ok`, `dropped_error`, `dropped_nok`; they survive restarts), given by `Outbox.stats()` and
+  `Uplink.stats()` for /metrics and sent in every heartbeat (`dropped`). A dropped result keeps its seq,
+  so the collector sees the gap.
   A full disk is handled by the same policy, never by crashing. Before each insert the outbox checks the
   filesystem (statvfs): if the new result does not fit in pages freed inside the file while leaving
   `min_free_bytes` free, older results are dropped in policy order (never one above the new result's
