@@ -336,3 +336,157 @@ def test_an_unlisted_file_in_any_folder_is_rejected(built, bundle_copy: Path, fo
     relpath = target.relative_to(bundle_copy).as_posix()
     with pytest.raises(HashMismatchError, match=f"{relpath}: file is not listed"):
         verify_bundle(bundle_copy, built[1], now=NOW)
+
+
+# --------------------------------------------------------------- errors name the check, file and reason
+
+
+def test_report_to_dict_carries_identity_and_every_message(built) -> None:
+    report = verify_report(built[0], built[1], now=NOW, min_counter=5).to_dict()
+    assert report["ok"] is True and report["bundle_dir"] == str(built[0])
+    assert report["version"] == "2.0.0" and report["bundle_id"] == "0123456789abcdef0123456789abcdef"
+    assert report["checks"] == {
+        "schema": {"status": "ok", "message": "manifest.json parses as m3dm-bundle/1"},
+        "signature": {"status": "ok", "message": "Ed25519 signature valid for bundle_signing.pub"},
+        "hashes": {"status": "ok", "message": "5 files match their sha256, no unlisted files"},
+        "expiry": {"status": "ok", "message": "valid until 2027-01-01T00:00:00Z"},
+        "rollback": {"status": "ok", "message": "counter 5 >= minimum 5"},
+    }
+    plain = verify_report(built[0], built[1], now=NOW).to_dict()["checks"]["rollback"]["message"]
+    assert plain == "counter 5; no station minimum given"
+    with pytest.raises(ValueError, match="now must be timezone-aware"):
+        verify_report(built[0], built[1], now=datetime(2026, 6, 1))
+
+
+def test_a_report_without_a_manifest_has_no_identity(built, bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").write_bytes(b"{}")
+    report = verify_report(bundle_copy, built[1], now=NOW).to_dict()
+    assert report["ok"] is False and report["bundle_id"] is None and report["version"] is None
+    assert report["checks"]["schema"]["status"] == "failed"
+    assert report["checks"]["signature"] == {"status": "skipped", "message": "not checked: schema failed"}
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("short_sig", r"\[signature\] .*manifest.sig: manifest.sig is 5 bytes, an Ed25519 signature is 64"),
+        ("no_sig", r"\[signature\] .*manifest.sig: manifest.sig is missing"),
+        ("bad_key", r"\[signature\] .*bundle_signing.pub: cannot load public key"),
+        ("rsa_key", r"\[signature\] .*rsa.pub: public key is not Ed25519"),
+        ("big_manifest", r"\[schema\] .*manifest.json: manifest.json is implausibly large"),
+        ("linked_manifest", r"\[schema\] .*manifest.json: manifest.json is missing"),
+    ],
+)
+def test_each_signature_and_schema_failure_says_why(built, bundle_copy: Path, tmp_path: Path, damage, match):
+    key = built[1]
+    if damage == "short_sig":
+        (bundle_copy / "manifest.sig").write_bytes(b"short")
+    elif damage == "no_sig":
+        (bundle_copy / "manifest.sig").unlink()
+    elif damage == "bad_key":
+        key = tmp_path / "bundle_signing.pub"
+        key.write_bytes(b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    elif damage == "rsa_key":
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        public = ec.generate_private_key(ec.SECP256R1()).public_key()
+        key = tmp_path / "rsa.pub"
+        key.write_bytes(
+            public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+    elif damage == "big_manifest":
+        (bundle_copy / "manifest.json").write_bytes(b" " * (16 * 2**20 + 1))
+    else:
+        (bundle_copy / "manifest.json").unlink()
+        (bundle_copy / "manifest.json").symlink_to(built[0] / "manifest.json")
+    with pytest.raises((SignatureError, SchemaError), match=match):
+        verify_bundle(bundle_copy, key, now=NOW)
+
+
+def test_archive_errors_name_the_archive_and_the_reason(built, tmp_path: Path) -> None:
+    data = tar_path_for(built[0]).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data.rstrip(b"\0")) + (-len(data.rstrip(b"\0")) % 512)])
+    with pytest.raises(
+        ArchiveError, match=r"cut.tar: archive is truncated \(no end-of-archive marker\)"
+    ) as err:
+        safe_extract(cut, tmp_path / "out")
+    assert err.value.path == str(cut)
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(ArchiveError, match="dest: destination already exists") as err:
+        safe_extract(tar_path_for(built[0]), tmp_path / "dest")
+    assert err.value.path == str(tmp_path / "dest")
+
+
+def test_members_at_the_size_cap_nested_and_multi_block_extract(big_built, tmp_path: Path) -> None:
+    tar = hostile_tar(tmp_path / "ok.tar", [member("a/b/c/four", data=b"1234"), member("top", data=b"5678")])
+    out = safe_extract(tar, tmp_path / "x" / "y" / "dest", max_member_bytes=4)  # == cap is allowed
+    assert (out / "a/b/c/four").read_bytes() == b"1234" and (out / "top").read_bytes() == b"5678"
+    assert sorted(p.name for p in (tmp_path / "x" / "y").iterdir()) == ["dest"]  # no work dir left
+    extracted = safe_extract(tar_path_for(big_built[0]), tmp_path / "big")  # members of several MiB
+    assert (extracted / "onnx/uff.onnx").read_bytes() == (big_built[0] / "onnx/uff.onnx").read_bytes()
+    assert verify_bundle(extracted, big_built[1], now=NOW).networks["uff"].size_bytes == BIG_BYTES + 2
+
+
+@pytest.mark.parametrize("name", ["a\\b", ""])  # tarfile itself cuts a name at NUL
+def test_backslash_nul_and_empty_member_names_are_refused(tmp_path: Path, name: str) -> None:
+    tar = hostile_tar(tmp_path / "h.tar", [member("fine"), member(name)])
+    with pytest.raises(ArchiveError, match="escape|unreadable"):
+        safe_extract(tar, tmp_path / "d" / "dest")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_inspect_reports_every_field(built) -> None:
+    info = inspect_bundle(tar_path_for(built[0]))
+    assert info == {
+        "path": str(tar_path_for(built[0])),
+        "verified": False,
+        "signed": True,
+        "bundle_id": "0123456789abcdef0123456789abcdef",
+        "version": "2.0.0",
+        "class_name": "bagel",
+        "preset": "m3dm-free",
+        "random_weights": False,
+        "precision": "fp16",
+        "created_utc": "2026-01-01T00:00:00Z",
+        "expires_utc": "2027-01-01T00:00:00Z",
+        "anti_rollback_counter": 5,
+        "networks": {
+            "rgb": {"path": "onnx/rgb.onnx", "size_bytes": len(b"\x08\x07rgb graph bytes")},
+            "uff": {"path": "onnx/uff.onnx", "size_bytes": len(b"\x08\x07uff graph bytes")},
+        },
+        "banks": {
+            "rgb": {
+                "encoding": "fp32",
+                "rows": 6,
+                "dim": 4,
+                "size_bytes": (built[0] / "banks/rgb.npy").stat().st_size,
+            },
+            "point": {
+                "encoding": "int8",
+                "rows": 7,
+                "dim": 4,
+                "size_bytes": (built[0] / "banks/point.npz").stat().st_size,
+            },
+        },
+        "thresholds": {
+            "variant": "rgb",
+            "image_threshold": 1.0,
+            "false_reject_rate": 0.05,
+            "pixel_threshold": None,
+        },
+        "golden_samples": 1,
+        "file_count": len(ALL_FILES),
+        "total_bytes": sum((built[0] / n).stat().st_size for n in ALL_FILES),
+    }
+
+
+def test_inspect_of_a_tar_without_manifest_or_unreadable(tmp_path: Path) -> None:
+    tar = hostile_tar(tmp_path / "nomanifest.tar", [member("a")])
+    with pytest.raises(SchemaError, match="nomanifest.tar: archive has no usable manifest.json"):
+        inspect_bundle(tar)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ArchiveError, match="junk.tar: unreadable archive"):
+        inspect_bundle(junk)

@@ -16,6 +16,7 @@ from protocol.manifest import (
     DLFCoefficients,
     FeatureSpec,
     GoldenSample,
+    InputSpec,
     Provenance,
     ScoringSpec,
     Thresholds,
@@ -123,7 +124,7 @@ def test_draft_artifact_refs_allowed_but_unsealed_manifest_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "/abs", "a/../b", "./a", "a//b", "a\\b", "manifest.json", "manifest.sig"]
+    "bad", ["", "/abs", "a/../b", "./a", "a//b", "a\\b", "a\x00b", "manifest.json", "manifest.sig"]
 )
 def test_check_relpath_rejects_unsafe_paths(bad: str) -> None:
     with pytest.raises(SchemaError):
@@ -165,6 +166,246 @@ def test_canonical_bytes_are_pinned_for_a_small_record() -> None:
     assert raw.isascii() and b" " not in raw and b'"dataset":"s\\u00e9"' in raw
 
 
+# --------------------------------------------------------------- every validation at its boundary (mutmut)
+
+INPUT = dict(
+    rgb_input_size=224, image_size=224, rgb_mean=(0.5, 0.5, 0.5), rgb_std=(0.2, 0.2, 0.2), border_px=10,
+    ransac_threshold_m=0.004, ransac_n=50, ransac_iterations=100, plane_removal_m=0.005, pad_multiple=100,
+    keep_largest_cluster=False, cluster_eps_m=0.006, cluster_min_points=30, seed=0,
+)  # fmt: skip
+FEATURE = dict(
+    rgb_backbone="free", point_backbone="free", rgb_dim=4, point_dim=4, fusion_dim=8, rgb_grid=28,
+    point_grid=56, num_groups=16, group_size=8,
+)  # fmt: skip
+BANK = dict(path="banks/rgb.npz", encoding="pq", rows=5, dim=4, grid=28, feat_std=1.0, pq_m=2)
+SCORING = dict(rgb_lambda=0.1, blur_sigma_px=4.0, reweight_k=3, output_size=224)
+GOLDEN = dict(
+    input_path="golden/0.npz", expected_image_score=1.0, expected_map_sha256=SHA_C, expected_map_mean=0.5,
+    tolerance_abs=1e-3,
+)  # fmt: skip
+
+BOUNDARIES = [
+    # (record, valid fields at the boundary, the same field just past it, message)
+    (InputSpec, INPUT | {"rgb_input_size": 1}, {"rgb_input_size": 0}, "InputSpec: sizes must be positive"),
+    (InputSpec, INPUT | {"image_size": 1}, {"image_size": 0}, "InputSpec: sizes must be positive"),
+    (
+        InputSpec,
+        INPUT | {"rgb_std": (1e-9, 1, 1)},
+        {"rgb_std": (1, 0.0, 1)},
+        "InputSpec: rgb_std must be positive",
+    ),
+    (
+        InputSpec,
+        INPUT | {"rgb_std": (1, 1, 1e-9)},
+        {"rgb_std": (1, 1, -1.0)},
+        "InputSpec: rgb_std must be positive",
+    ),
+    (
+        InputSpec,
+        INPUT | {"ransac_threshold_m": 0.999},
+        {"ransac_threshold_m": 1.0},
+        r"InputSpec: metres in \(0,1\)",
+    ),
+    (
+        InputSpec,
+        INPUT | {"ransac_threshold_m": 1e-9},
+        {"ransac_threshold_m": 0.0},
+        r"InputSpec: metres in \(0,1\)",
+    ),
+    (
+        InputSpec,
+        INPUT | {"plane_removal_m": 0.999},
+        {"plane_removal_m": 1.0},
+        r"InputSpec: metres in \(0,1\)",
+    ),
+    (InputSpec, INPUT | {"plane_removal_m": 1e-9}, {"plane_removal_m": 0.0}, r"InputSpec: metres in \(0,1\)"),
+    *[
+        (
+            FeatureSpec,
+            FEATURE | {k: 1} | ({"fusion_dim": 5} if k in ("rgb_dim", "point_dim") else {}),
+            {k: 0},
+            "FeatureSpec: dims, grids and group sizes must be positive",
+        )
+        for k in ("rgb_dim", "point_dim", "rgb_grid", "point_grid", "num_groups", "group_size")
+    ],
+    (FeatureSpec, FEATURE, {"fusion_dim": 9}, r"FeatureSpec: fusion_dim != rgb\+point dims"),
+    (
+        ArtifactRef,
+        {"path": "onnx/u.onnx", "size_bytes": 0},
+        {"size_bytes": -1},
+        "onnx/u.onnx: size_bytes must be >= 0",
+    ),
+    (
+        ArtifactRef,
+        {"path": "onnx/u.onnx", "sha256": SHA_A},
+        {"sha256": "A" * 64},
+        "onnx/u.onnx: sha256 must be 64",
+    ),
+    *[
+        (
+            BankSpec,
+            BANK | {k: 1} | ({"dim": 2} if k == "dim" else {}),
+            {k: 0},
+            "banks/rgb.npz: rows/dim/grid must be > 0",
+        )
+        for k in ("rows", "grid")
+    ],
+    (BankSpec, BANK | {"dim": 2}, {"dim": 0}, "banks/rgb.npz: rows/dim/grid must be > 0"),
+    (BankSpec, BANK | {"feat_std": 1e-9}, {"feat_std": 0.0}, "banks/rgb.npz: feat_std must be > 0"),
+    (BankSpec, BANK | {"pq_m": 1}, {"pq_m": 0}, "banks/rgb.npz: pq_m must divide dim"),
+    (BankSpec, BANK | {"pq_m": 4}, {"pq_m": 3}, "banks/rgb.npz: pq_m must divide dim"),
+    (BankSpec, BANK, {"pq_m": None}, "banks/rgb.npz: pq_m is set iff encoding pq"),
+    (
+        BankSpec,
+        BANK | {"encoding": "fp16", "pq_m": None},
+        {"pq_m": 2},
+        "banks/rgb.npz: pq_m is set iff encoding pq",
+    ),
+    (
+        BankSpec,
+        BANK | {"stats_path": "banks/s.npy"},
+        {"stats_path": "../s.npy"},
+        "bundle path must be relative",
+    ),
+    (BankSpec, BANK, {"encoding": "FP32"}, "banks/rgb.npz: unknown bank encoding 'FP32'"),
+    (
+        ScoringSpec,
+        SCORING | {"blur_sigma_px": 0.0},
+        {"blur_sigma_px": -1e-9},
+        "ScoringSpec: blur_sigma_px must be >= 0",
+    ),
+    (ScoringSpec, SCORING | {"reweight_k": 1}, {"reweight_k": 0}, "ScoringSpec: reweight_k/output_size > 0"),
+    (
+        ScoringSpec,
+        SCORING | {"output_size": 1},
+        {"output_size": 0},
+        "ScoringSpec: reweight_k/output_size > 0",
+    ),
+    (
+        Thresholds,
+        {"variant": "rgb", "image_threshold": 1.0, "false_reject_rate": 0.0},
+        {"false_reject_rate": -1e-9},
+        r"Thresholds: false_reject_rate must lie in \[0, 1\]",
+    ),
+    (
+        Thresholds,
+        {"variant": "rgb", "image_threshold": 1.0, "false_reject_rate": 1.0},
+        {"false_reject_rate": 1.0001},
+        r"Thresholds: false_reject_rate must lie in \[0, 1\]",
+    ),
+    (
+        GoldenSample,
+        GOLDEN | {"tolerance_abs": 0.0},
+        {"tolerance_abs": -1e-9},
+        "golden/0.npz: tolerance_abs must be >= 0",
+    ),
+    (GoldenSample, GOLDEN, {"input_path": "golden/0.npy"}, "golden/0.npy: golden input must be .npz"),
+    (
+        GoldenSample,
+        GOLDEN,
+        {"expected_map_sha256": "c" * 63},
+        "golden/0.npz: sha256 must be 64 lowercase hex",
+    ),
+]
+
+
+@pytest.mark.parametrize(("record", "valid", "past", "message"), BOUNDARIES)
+def test_each_validation_accepts_its_boundary_and_refuses_one_step_past(record, valid, past, message) -> None:
+    built = record(**valid)
+    assert record.from_dict(built.to_dict()) == built
+    with pytest.raises(SchemaError, match=f"^\\[schema\\] {message}"):
+        record(**(valid | past))
+    with pytest.raises(SchemaError, match=message):  # the same check runs when parsing
+        record.from_dict(
+            {**built.to_dict(), **{k: list(v) if isinstance(v, tuple) else v for k, v in past.items()}}
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"anti_rollback_counter": -1}, "^\\[schema\\] anti_rollback_counter must be >= 0$"),
+        ({"expires_utc": "2026-01-01T00:00:00Z"}, "^\\[schema\\] expires_utc must follow created_utc$"),
+        (
+            {"networks": {"uff": ArtifactRef("onnx/uff.onnx"), "depth": ArtifactRef("onnx/d.onnx")}},
+            r"unknown network name\(s\) \['depth'\]; known: \('rgb', 'point', 'uff'\)",
+        ),
+        ({"networks": {"rgb": ArtifactRef("onnx/rgb.onnx")}}, "networks must include 'uff'"),
+        ({"banks": {}}, "^\\[schema\\] at least one memory bank is required$"),
+        ({"files": {"banks/rgb.npy": "z" * 64}}, "banks/rgb.npy: sha256 must be 64"),
+        ({"files": {"manifest.json": SHA_A}}, "not reserved: 'manifest.json'"),
+        ({"precision": "fp8"}, r"precision must be one of \('fp32', 'fp16', 'int8'\): 'fp8'"),
+        ({"schema_version": "m3dm-bundle/0"}, "unknown schema_version 'm3dm-bundle/0'"),
+        ({"version": "01.2.3"}, "version must be semver: '01.2.3'"),
+        ({"bundle_id": "A" * 32}, "bundle_id must be uuid4 hex"),
+    ],
+)
+def test_manifest_level_validations(overrides: dict, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        draft_manifest(**overrides)
+
+
+def test_counter_zero_and_semver_prerelease_are_valid() -> None:
+    manifest = draft_manifest(anti_rollback_counter=0, version="1.0.0-rc.1+build.5")
+    assert manifest.anti_rollback_counter == 0 and manifest.version == "1.0.0-rc.1+build.5"
+
+
+def test_referenced_paths_and_sealing_name_what_is_missing() -> None:
+    manifest = sealed_manifest(
+        banks={"rgb": BankSpec("banks/rgb.npz", "pq", 300, 48, 28, stats_path="banks/s.npy", pq_m=6)}
+    )
+    assert manifest.referenced_paths() == ["banks/rgb.npz", "banks/s.npy", "golden/0.npz", "onnx/uff.onnx"]
+    with pytest.raises(
+        SchemaError, match=r"^\[schema\] referenced file\(s\) not listed in `files`: \['banks/s.npy'\]$"
+    ):
+        manifest.check_sealed()
+    with pytest.raises(SchemaError, match=r"^\[schema\] manifest lists no files$"):
+        sealed_manifest(files={}).check_sealed()
+    with pytest.raises(SchemaError, match=r"network 'uff': sha256 differs from files\[onnx/uff.onnx\]"):
+        sealed_manifest(files={**sealed_manifest().files, "onnx/uff.onnx": SHA_B}).check_sealed()
+
+
+def test_utc_helpers_round_trip_and_refuse_naive_times() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from protocol.manifest import format_utc, parse_utc
+
+    moment = datetime(2026, 3, 4, 5, 6, 7, 890, tzinfo=timezone(timedelta(hours=2)))
+    assert format_utc(moment) == "2026-03-04T03:06:07Z"
+    assert parse_utc("2026-03-04T03:06:07Z") == datetime(2026, 3, 4, 3, 6, 7, tzinfo=UTC)
+    assert parse_utc("2026-03-04T05:06:07+02:00") == datetime(2026, 3, 4, 3, 6, 7, tzinfo=UTC)
+    with pytest.raises(SchemaError, match="^\\[schema\\] datetime must be timezone-aware$"):
+        format_utc(datetime(2026, 1, 1))
+    with pytest.raises(SchemaError, match="not an ISO 8601 timestamp: 'yesterday'"):
+        parse_utc("yesterday")
+    with pytest.raises(SchemaError, match="timestamp has no timezone: '2026-01-01T00:00:00'"):
+        parse_utc("2026-01-01T00:00:00")
+
+
+def test_from_dict_refuses_non_objects_and_checks_the_version_first() -> None:
+    with pytest.raises(SchemaError, match="^\\[schema\\] manifest must be a JSON object, got list$"):
+        BundleManifest.from_dict([])
+    with pytest.raises(SchemaError, match=r"unknown schema_version None; expected m3dm-bundle/1"):
+        BundleManifest.from_dict({"surprise": 1})
+    with pytest.raises(SchemaError, match=r"^\[schema\] BankSpec: Expected `int`, got `str` - at `\$.rows`$"):
+        BankSpec.from_dict({**BANK, "rows": "5"})
+
+
+def test_manifest_from_json_names_the_bad_constant_and_bad_bytes() -> None:
+    with pytest.raises(SchemaError, match="^\\[schema\\] manifest contains Infinity, which is not JSON$"):
+        manifest_from_json(
+            canonical_json(sealed_manifest()).replace(b'"image_threshold":2.5', b'"image_threshold":Infinity')
+        )
+    with pytest.raises(SchemaError, match="manifest.json is not valid JSON"):
+        manifest_from_json(b"\xff\xfe")
+
+
+def test_canonical_json_refuses_what_json_cannot_hold() -> None:
+    manifest = sealed_manifest(provenance=Provenance("s", {"when": object()}, "c", "0.1.0", "h"))
+    with pytest.raises(SchemaError, match="^\\[schema\\] manifest is not JSON-serialisable"):
+        canonical_json(manifest)
+
+
 def test_bank_index_fields_come_together_and_are_hashed_like_every_file() -> None:
     from protocol.manifest import BankSpec
 
@@ -179,3 +420,8 @@ def test_bank_index_fields_come_together_and_are_hashed_like_every_file() -> Non
         BankSpec(
             "banks/p.npy", "fp32", 9, 4, 56, index_path="banks/p.faiss", index_kind="lsh", index_params={}
         )
+
+
+def test_a_nan_inside_a_tuple_names_its_index() -> None:
+    with pytest.raises(SchemaError, match=r"InputSpec.rgb_mean\[1\]: must be finite, got nan"):
+        InputSpec(**(INPUT | {"rgb_mean": (0.5, float("nan"), 0.5)}))

@@ -42,9 +42,13 @@ def test_eval_reports_five_variants_with_sane_metrics(
     results = evaluate_models(tiny_dataset, tiny_model, tmp_path / "report", None)
     cls = tiny_model.name
     assert set(results["classes"][cls]) == set(VARIANTS)
-    for metrics in results["classes"][cls].values():
-        for key in ("i_auroc", "p_auroc", "aupro", "aupro_1pct"):
-            assert 0.0 <= metrics[key] <= 1.0
+    # Floors under what this fixture measures (seed 7: I-AUROC 0.83-1.0, P-AUROC >= 0.978, AUPRO >= 0.92 for
+    # every variant), so a scorer that drifts to chance fails; `0 <= x <= 1` could not.
+    for variant, metrics in results["classes"][cls].items():
+        assert metrics["i_auroc"] >= 0.7, variant
+        assert metrics["p_auroc"] >= 0.95, variant
+        assert metrics["aupro"] >= 0.85 and 0.0 < metrics["aupro_1pct"] <= 1.0, variant
+    assert results["classes"][cls]["rgb+point+fusion"]["i_auroc"] >= 0.9
     # Even with 6 training scans the detector must be far better than chance at pixel level.
     assert results["classes"][cls]["rgb+point+fusion"]["p_auroc"] > 0.85
     assert (tmp_path / "report" / "results.md").read_text().count("rgb+point+fusion") == 4
