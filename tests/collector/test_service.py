@@ -42,12 +42,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         collector.stop()
 
 
+def _get(served: dict, path: str) -> bytes:
+    with urllib.request.urlopen(served["collector"].http + path, timeout=5) as response:
+        return response.read()
+
+
 def _metrics(served: dict) -> str:
-    return urllib.request.urlopen(served["collector"].http + "/metrics", timeout=5).read().decode()
+    return _get(served, "/metrics").decode()
 
 
 def _get_json(served: dict, path: str):
-    return json.loads(urllib.request.urlopen(served["collector"].http + path, timeout=5).read())
+    return json.loads(_get(served, path))
 
 
 def test_allowed_station_gets_acks_only_for_stored_results(served: dict) -> None:
@@ -131,8 +136,11 @@ def test_http_api_and_query_cli(served: dict) -> None:
     stats = _get_json(served, "/api/stats?station=good")
     assert stats["stations"][0]["count"] == 5
     assert "m3dm_collector_stations_online" in _metrics(served)
+    # no --bundles: no reference, so no stream can be in alarm (states appear once upkeep evaluated them)
+    assert all(d["state"] == "unknown" for d in _get_json(served, "/api/drift"))
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(served["collector"].http + "/api/results?limit=zero", timeout=5)
+        _get(served, "/api/results?limit=zero")
+    err.value.close()
     assert err.value.code == 400
     out = subprocess.run(
         [
@@ -183,3 +191,64 @@ def test_revoked_key_is_refused_without_a_restart(served: dict) -> None:
     assert fresh.recv(timeout_s=1.5) is None
     assert Store.open(served["db"]).identities("revoked") == [("revoked", 1, 1)]
     assert served["collector"].proc.pid == pid and served["collector"].proc.poll() is None
+
+
+def test_two_collectors_on_one_postgresql_share_idempotency_and_ack_state(
+    pg_url: str, tmp_path: Path
+) -> None:
+    keys = make_keys(tmp_path / "keys", ["line"], allowed=["line"])
+    first = Collector(tmp_path / "a", pg_url, keys)
+    second = Collector(tmp_path / "b", pg_url, keys)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    clients = []
+    try:
+        first.start()
+        second.start()
+        to_first = Client(first.endpoint, keys["line"], keys["collector"])
+        to_second = Client(second.endpoint, keys["line"], keys["collector"])
+        clients += [to_first, to_second]
+        for seq in (1, 2, 3):
+            to_first.send(*make_message(seq, station="line"))
+        to_first.recv_until(lambda r: isinstance(r, Ack) and r.upto_seq == 3)
+        # the station fails over: resends 3, then goes on with 4 and 5, to the other collector
+        for seq in (3, 4, 5):
+            to_second.send(*make_message(seq, station="line"))
+        # the second collector knows 1..3 are stored from the database, so its cumulative ack covers them
+        to_second.recv_until(lambda r: isinstance(r, Ack) and r.upto_seq == 5)
+    finally:
+        for c in clients:
+            c.close()
+        first.stop()
+        second.stop()
+    store = Store.open(pg_url)
+    assert store.identities() == [("line", 1, s) for s in range(1, 6)]
+    store.close()
+
+
+def test_serve_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "collector.toml"
+    bad.write_text('bind = "tcp://127.0.0.1:0"\nmax_batchh = 5\n')
+    out = subprocess.run(
+        [M3DM, "collector", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        out.returncode == 1
+        and "unknown key(s) ['max_batchh']" in out.stderr
+        and "Traceback" not in out.stderr
+    )
+    out = subprocess.run(
+        [M3DM, "collector", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--http", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "--curve-dir" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run(
+        [M3DM, "collector", "query", "--db", f"sqlite:///{tmp_path / 'none.db'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "no database at" in out.stderr
+    assert not (tmp_path / "none.db").exists()
