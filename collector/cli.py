@@ -141,8 +141,8 @@ def query(
         raise typer.BadParameter("give --json or --csv, not both")
     if decision is not None and decision.upper() not in _DECISIONS:
         raise typer.BadParameter(f"must be one of {', '.join(_DECISIONS)}", param_hint="--decision")
-    store = _open_store(db)
-    rows = store.query(station, _since(since), decision, bundle, limit)
+    since_ts = _since(since)  # usage errors before touching the database
+    rows = _open_store(db).query(station, since_ts, decision, bundle, limit)
     if not as_csv:
         _json_out(rows)
         return
@@ -160,7 +160,8 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Per station and per bundle: count, NOK rate, image-score percentiles, p95 end-to-end latency."""
-    data = _open_store(db).stats(_since(since), station)
+    since_ts = _since(since)
+    data = _open_store(db).stats(since_ts, station)
     if as_json:
         _json_out(data)
         return

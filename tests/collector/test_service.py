@@ -42,6 +42,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         collector.stop()
 
 
+def _cli(*args: str):
+    """The collector's Typer app in this process (same code as the `m3dm collector` command)."""
+    from typer.testing import CliRunner
+
+    from collector.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 def _get(served: dict, path: str) -> bytes:
     with urllib.request.urlopen(served["collector"].http + path, timeout=5) as response:
         return response.read()
@@ -164,13 +173,8 @@ def test_http_api_and_query_cli(served: dict) -> None:
     assert (row["station_id"], row["epoch"], row["seq"], row["decision"]) == ("good", 1, 2, "NOK")
     for field in ("frame_id", "image_score", "bank_scores", "bundle_version", "error_reason", "error_file"):
         assert field in row
-    out = subprocess.run(
-        [M3DM, "collector", "stats", "--db", served["db"], "--since", "1h", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    out = _cli("stats", "--db", served["db"], "--since", "1h", "--json")
+    assert out.exit_code == 0, out.stderr
     good = next(s for s in json.loads(out.stdout)["stations"] if s["station_id"] == "good")
     assert good["count"] == 5 and good["nok_rate"] == pytest.approx(0.2)
 
@@ -229,26 +233,12 @@ def test_two_collectors_on_one_postgresql_share_idempotency_and_ack_state(
 def test_serve_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "collector.toml"
     bad.write_text('bind = "tcp://127.0.0.1:0"\nmax_batchh = 5\n')
-    out = subprocess.run(
-        [M3DM, "collector", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=60
-    )
-    assert (
-        out.returncode == 1
-        and "unknown key(s) ['max_batchh']" in out.stderr
-        and "Traceback" not in out.stderr
-    )
-    out = subprocess.run(
-        [M3DM, "collector", "serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--http", ""],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 1 and "--curve-dir" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run(
-        [M3DM, "collector", "query", "--db", f"sqlite:///{tmp_path / 'none.db'}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 1 and "no database at" in out.stderr
+    out = _cli("serve", "--config", str(bad))
+    assert out.exit_code == 1 and "unknown key(s) ['max_batchh']" in out.stderr
+    out = _cli("serve", "--db", f"sqlite:///{tmp_path / 'x.db'}", "--http", "")
+    assert out.exit_code == 1 and "--curve-dir" in out.stderr
+    out = _cli("query", "--db", f"sqlite:///{tmp_path / 'none.db'}")
+    assert out.exit_code == 1 and "no database at" in out.stderr
     assert not (tmp_path / "none.db").exists()
+    out = _cli("query", "--db", f"sqlite:///{tmp_path / 'none.db'}", "--since", "yesterday")
+    assert out.exit_code == 2
