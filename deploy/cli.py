@@ -51,7 +51,9 @@ def cli_errors(func: F) -> F:
         from deploy.selector import SelectorError
         from protocol.config import ConfigFileError
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # operator commands print their result; only warnings go to the log (serve logs every event)
+        level = logging.INFO if func.__name__ == "serve" else logging.WARNING
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             return func(*args, **kwargs)
         except (
@@ -316,13 +318,13 @@ def status(
 
     def text(d: dict[str, Any]) -> str:
         now = time.time()
-        lines = ["station               bundle     version   previous   policy  locked  last check-in"]
+        lines = ["station               bundle     version   previous   policy  locked  fps    last check-in"]
         for s in d["stations"]:
             ago = f"{now - s['last_checkin_ts']:.0f}s ago" if s["last_checkin_ts"] else "never"
             lines.append(
                 f"{s['station_id']:<21} {s['active_bundle_id'][:8]:<10} {s['active_version']:<9} "
                 f"{s['previous_bundle_id'][:8]:<10} v{s['policy_version']:<6} "
-                f"{'yes' if s['locked'] else 'no':<7} {ago}"
+                f"{'yes' if s['locked'] else 'no':<7} {s['health'].get('fps', 0.0):<6.2f} {ago}"
             )
         lines += [_rollout_text(r) for r in d["rollouts"]]
         return "\n".join(lines)

@@ -92,6 +92,7 @@ class Updater:
         epoch: int = 0,
         events: Callable[[str, Mapping[str, str]], Any] | None = None,
         status: Callable[..., Any] | None = None,
+        health: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.station_id = station_id
@@ -99,6 +100,7 @@ class Updater:
         self.epoch = epoch
         self.events = events
         self.status = status
+        self.health = health
         self.dirs = {name: Path(cfg.state_dir) / name for name in ("bundles", "staging", "downloads")}
         self.client = RegistryClient(cfg.registry, cfg.curve_dir, cfg.registry_key, cfg.request_timeout_s)
         self.state = self._initial_state()
@@ -195,7 +197,17 @@ class Updater:
             policy_version=int(state.policy.version),
             shadow_bundle_id=self.shadow_ref.bundle_id if self.shadow_ref else "",
             locked=is_locked(self.cfg.state_dir),
+            health=self._health(),
         )
+
+    def _health(self) -> dict[str, float]:
+        if self.health is None:
+            return {}
+        try:
+            return {k: float(v) for k, v in self.health().items()}
+        except Exception as err:  # a health probe must not stop check-ins
+            log.warning("station %s: health probe failed: %s", self.station_id, err)
+            return {}
 
     def _flush_reports(self) -> None:
         while self._reports:
@@ -526,4 +538,8 @@ def start_for_station(station: Any) -> Updater | None:
     epoch = int(getattr(getattr(uplink, "outbox", None), "epoch", 0) or 0)
     events = uplink.event if uplink is not None else None
     status = uplink.set_status if uplink is not None else None
-    return Updater(cfg, station.cfg.station_id, station.slot, epoch, events, status).start()
+
+    def health() -> dict[str, float]:
+        return {"fps": station.metrics.fps(), "outbox_depth": float(station.results.depth())}
+
+    return Updater(cfg, station.cfg.station_id, station.slot, epoch, events, status, health).start()

@@ -503,6 +503,9 @@ def _assert_events(fleet: Fleet) -> None:
         fleet.procs,
     )
     assert all("bundle_installed" in kinds(sid) for sid in STATIONS)
+    health = {sid: json.loads(r.health) for sid, r in fleet.fleet().items()}
+    assert all({"fps", "outbox_depth"} <= set(h) for h in health.values()), health  # check-ins carry health
+    assert any(h["fps"] > 0 for h in health.values()), health
 
 
 def _shadow_pairs(fleet: Fleet, sid: str, active: str, candidate: str) -> dict[str, float]:
