@@ -142,7 +142,8 @@ class Store:
         return outcome
 
     def _insert_results(self, conn: Connection, results: Sequence[ResultRecord]) -> int:
-        rows = [r.row for r in results]
+        # one lock order for every writer: two collectors inserting overlapping rows cannot deadlock
+        rows = [r.row for r in sorted(results, key=lambda r: r.identity)]
         stmt = self._insert(t.inspections).on_conflict_do_nothing(
             index_elements=["station_id", "epoch", "seq"]
         )
@@ -153,6 +154,7 @@ class Store:
             for r in results
             for key, (media, data) in r.blobs.items()
         ]
+        blob_rows.sort(key=lambda b: b["key"])
         if blob_rows:
             conn.execute(self._insert(t.blobs).on_conflict_do_nothing(index_elements=["key"]), blob_rows)
         return inserted
@@ -170,7 +172,7 @@ class Store:
                 "bundle_version": e.bundle_version,
                 "detail": dict(e.detail),
             }
-            for e in events
+            for e in sorted(events, key=lambda e: e.event_id)
         ]
         stmt = self._insert(t.events).on_conflict_do_nothing(index_elements=["event_id"])
         return len(conn.execute(stmt.returning(t.events.c.event_id), rows).all())
