@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL server for the storage tests (collector, registry), from Debian's packages.
-#   eval "$(bash .ci/postgres.sh start)"   # initdb + start on a free 127.0.0.1 port; prints the exports
+#   pg_env="$(bash .ci/postgres.sh start)" && eval "$pg_env"   # initdb + start on a free port; prints exports
 #   bash .ci/postgres.sh stop              # stop it and delete its data
 # The cluster lives in $M3DM_PG_DIR (default /tmp/m3dm-ci-pg), listens on loopback only, and has one role
 # `m3dm` (password auth, CREATEDB: each test session creates and drops its own database) and a database
