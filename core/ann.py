@@ -17,7 +17,7 @@ import numpy as np
 
 from core.errors import ConfigError, CorruptFileError
 
-__all__ = ["INDEX_KINDS", "FaissIndex", "load_index"]
+__all__ = ["INDEX_KINDS", "FaissIndex", "IvfLists", "load_index"]
 
 INDEX_KINDS = ("ivf-flat", "hnsw")
 
@@ -32,17 +32,79 @@ def _faiss() -> Any:
     return faiss
 
 
+class IvfLists:
+    """IVF search done as BLAS blocks: the faiss index's centroids and lists, rows stored list by list.
+
+    faiss scans each (query, list) pair with per-vector SIMD loops; on 1152-1920-d features on 2 cores
+    that measured ~4x slower than OpenBLAS GEMMs (faiss search of 500 queries, nprobe 32 of 547 lists over
+    75k x 1152: 11 s vs ~1 s here, same lists visited, machine under load). Results equal faiss's up to
+    float ties: the same lists are probed and every row in them is compared.
+    """
+
+    def __init__(self, ivf: Any, nprobe: int) -> None:
+        faiss = _faiss()
+        nlist, dim = int(ivf.nlist), int(ivf.d)
+        self.centroids_lc = np.asarray(ivf.quantizer.reconstruct_n(0, nlist), dtype=np.float32).reshape(
+            nlist, dim
+        )
+        self.cent_sq_l = np.einsum("lc,lc->l", self.centroids_lc, self.centroids_lc)
+        invlists = ivf.invlists
+        sizes = np.array([invlists.list_size(i) for i in range(nlist)], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        ids, rows = [], []
+        for i in np.flatnonzero(sizes):
+            ids.append(faiss.rev_swig_ptr(invlists.get_ids(int(i)), int(sizes[i])).copy())
+            codes = faiss.rev_swig_ptr(invlists.get_codes(int(i)), int(sizes[i]) * dim * 4)
+            rows.append(np.frombuffer(codes.tobytes(), dtype=np.float32).reshape(-1, dim))
+        self.ids_m = np.concatenate(ids).astype(np.int64)
+        self.rows_mc = np.concatenate(rows)
+        self.sq_m = np.einsum("mc,mc->m", self.rows_mc, self.rows_mc)
+        self.nprobe = min(nprobe, nlist)
+
+    def search(self, query_nc: np.ndarray) -> np.ndarray:
+        """(N, C) -> (N,) nearest row id among the nprobe nearest lists of each query."""
+        coarse = (-2.0 * query_nc) @ self.centroids_lc.T + self.cent_sq_l
+        probes = np.argpartition(coarse, self.nprobe - 1, axis=1)[:, : self.nprobe]
+        pair_q = np.repeat(np.arange(query_nc.shape[0]), self.nprobe)
+        pair_l = probes.reshape(-1)
+        order = np.argsort(pair_l, kind="stable")
+        pair_q, pair_l = pair_q[order], pair_l[order]
+        starts = np.flatnonzero(np.r_[True, pair_l[1:] != pair_l[:-1]])
+        ends = np.r_[starts[1:], pair_l.size]
+        best = np.full(query_nc.shape[0], np.inf, np.float32)
+        best_id = np.full(query_nc.shape[0], -1, np.int64)
+        for a, b in zip(starts, ends, strict=True):
+            lo, hi = self.offsets[pair_l[a]], self.offsets[pair_l[a] + 1]
+            if hi == lo:
+                continue
+            qs = pair_q[a:b]
+            ranking = (-2.0 * query_nc[qs]) @ self.rows_mc[lo:hi].T
+            ranking += self.sq_m[lo:hi]
+            arg = np.argmin(ranking, axis=1)
+            val = ranking[np.arange(qs.size), arg]
+            better = val < best[qs]
+            best[qs[better]] = val[better]
+            best_id[qs[better]] = self.ids_m[lo + arg[better]]
+        return best_id
+
+
 @dataclass
 class FaissIndex:
-    """A faiss index over normalised bank rows; `params` holds the search knob (nprobe or ef_search)."""
+    """A faiss index over normalised bank rows; `params` holds the search knob (nprobe or ef_search).
+
+    IVF-Flat indexes are searched with `IvfLists` (BLAS blocks over the same lists) unless
+    `engine="faiss"`; HNSW always runs in faiss.
+    """
 
     index: Any
     kind: str
     params: dict[str, int]
+    engine: str = "numpy"
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ConfigError(f"unknown ANN index kind {self.kind!r}; known: {', '.join(INDEX_KINDS)}")
+        self._lists: IvfLists | None = None
         self.set_params(self.params)
 
     def set_params(self, params: dict[str, int]) -> None:
@@ -50,7 +112,12 @@ class FaissIndex:
         faiss = _faiss()
         self.params = dict(params)
         if self.kind == "ivf-flat":
-            faiss.extract_index_ivf(self.index).nprobe = int(params["nprobe"])
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.nprobe = int(params["nprobe"])
+            if self.engine == "numpy":
+                if self._lists is None:
+                    self._lists = IvfLists(ivf, ivf.nprobe)
+                self._lists.nprobe = min(int(params["nprobe"]), int(ivf.nlist))
         else:
             self.index.hnsw.efSearch = int(params["ef_search"])
 
@@ -62,8 +129,11 @@ class FaissIndex:
         """(N, C) float32 -> (N,) int64 id of the nearest row found."""
         if query_nc.shape[0] == 0:
             return np.empty(0, np.int64)
-        _, idx_nk = self.index.search(np.ascontiguousarray(query_nc, dtype=np.float32), 1)
-        idx_n = idx_nk[:, 0]
+        query = np.ascontiguousarray(query_nc, dtype=np.float32)
+        if self._lists is not None:
+            idx_n = self._lists.search(query)
+        else:
+            idx_n = self.index.search(query, 1)[1][:, 0]
         if (idx_n < 0).any():  # fewer rows reachable than asked (tiny lists): faiss pads with -1
             raise ConfigError(f"{self.kind} index found no neighbour for some queries; raise {self.params}")
         return idx_n.astype(np.int64, copy=False)

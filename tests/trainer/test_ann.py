@@ -100,3 +100,14 @@ def test_an_index_ships_in_the_signed_bundle_and_the_station_searches_with_it(fl
     (Path(summary["path"]) / "banks" / "point.faiss").write_bytes(b"x")
     with pytest.raises(Exception, match="(?i)hash|sha|digest"):
         open_bundle(Path(summary["path"]), fleet_bundle["keys"], backend="ort")
+
+
+def test_blas_ivf_search_visits_the_same_lists_as_faiss(data) -> None:
+    from core.ann import FaissIndex
+
+    bank, tune, fresh = data
+    choice = choose_index(bank, tune, AnnConfig(recall_target=0.9))
+    assert choice.index is not None and choice.index.engine == "numpy"
+    in_faiss = FaissIndex(choice.index.index, "ivf-flat", choice.params, engine="faiss")
+    agree = np.mean(choice.index.search(fresh) == in_faiss.search(fresh))
+    assert agree >= 0.999  # only exact float ties may differ
