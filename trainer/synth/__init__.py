@@ -5,8 +5,9 @@ colour and combined defects and exact masks; see writer.synthesize for the data 
 render.render_sample for one scan.
 """
 
+from pathlib import Path
+
 from trainer.synth.defects import DEFECT_TYPES, defect_ids
-from trainer.synth.preview import write_preview
 from trainer.synth.render import RenderedScan, render_sample
 from trainer.synth.shapes import CLASS_NAMES
 from trainer.synth.writer import SynthConfig, sample_seed, synthesize
@@ -22,3 +23,10 @@ __all__ = [
     "synthesize",
     "write_preview",
 ]
+
+
+def write_preview(data_root: Path, out_path: Path) -> Path:
+    """The contact sheet (matplotlib, imported only here: a station's `synth:` source must not need it)."""
+    from trainer.synth.preview import write_preview as write
+
+    return write(data_root, out_path)
