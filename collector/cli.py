@@ -67,6 +67,15 @@ def _open_store(url: str) -> Any:
         raise _fail(f"cannot open database {shown}: {str(err).splitlines()[0]}") from None
 
 
+def _read(url: str, fn: Any) -> Any:
+    """fn(store) on an opened store, closed afterwards (its pool holds database connections)."""
+    store = _open_store(url)
+    try:
+        return fn(store)
+    finally:
+        store.close()
+
+
 def _json_out(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -142,7 +151,7 @@ def query(
     if decision is not None and decision.upper() not in _DECISIONS:
         raise typer.BadParameter(f"must be one of {', '.join(_DECISIONS)}", param_hint="--decision")
     since_ts = _since(since)  # usage errors before touching the database
-    rows = _open_store(db).query(station, since_ts, decision, bundle, limit)
+    rows = _read(db, lambda store: store.query(station, since_ts, decision, bundle, limit))
     if not as_csv:
         _json_out(rows)
         return
@@ -161,7 +170,7 @@ def stats(
 ) -> None:
     """Per station and per bundle: count, NOK rate, image-score percentiles, p95 end-to-end latency."""
     since_ts = _since(since)
-    data = _open_store(db).stats(since_ts, station)
+    data = _read(db, lambda store: store.stats(since_ts, station))
     if as_json:
         _json_out(data)
         return
@@ -185,7 +194,7 @@ def drift(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Drift state per station and bundle variant (ok / alarm / unknown), PSI and KS, as last evaluated."""
-    states = _open_store(db).drift_states()
+    states = _read(db, lambda store: store.drift_states())
     if as_json:
         _json_out(states)
         return

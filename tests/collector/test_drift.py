@@ -87,6 +87,16 @@ def test_shifted_station_raises_an_alarm_and_clears_it(store: Store, record, tmp
     assert len(raised) == 1 and float(raised[0]["detail"]["psi"]) > 0.25
     assert not store.events(station="steady")
     assert {s["station_id"]: s["state"] for s in store.drift_states()}["drifting"] == "alarm"
+    # queryable from the command line
+    from typer.testing import CliRunner
+
+    from collector.cli import app
+
+    out = CliRunner().invoke(
+        app, ["drift", "--db", store.engine.url.render_as_string(hide_password=False), "--json"]
+    )
+    assert out.exit_code == 0, out.stderr
+    assert {d["station_id"]: d["state"] for d in json.loads(out.stdout)}["drifting"] == "alarm"
     # a second round changes nothing: no second event
     evaluate_drift(store, DriftConfig(window=300, min_n=200))
     assert len(store.events(station="drifting")) == 1
