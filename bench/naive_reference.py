@@ -55,5 +55,6 @@ class NaiveReference:
             )
             for n in BANKS
         ]
+        self.last_patch_dist = np.stack([r.patch_dist_hw for r in results[1:]])  # point, fusion (56, 56)
         image = np.array([r.image_score for r in results], np.float32)
         return image, np.stack([r.map_hw for r in results]), ms
