@@ -56,6 +56,24 @@ def _step(name: str, cmd: list[str], log: Path, summary: list[dict], **settings:
     return code
 
 
+def _parallel(steps: list[tuple[str, list[str], dict]], out: Path, summary: list[dict]) -> None:
+    """Run independent steps at the same time; each is timed from the common start to its own end."""
+    start = time.monotonic()
+    running = []
+    for name, cmd, settings in steps:
+        print(f"== {name} (in parallel): {' '.join(cmd)}", flush=True)
+        log = out / f"{name}.log"
+        handle = log.open("wb")
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        running.append((name, proc, handle, log, settings))
+    for name, proc, handle, log, settings in running:
+        code = proc.wait()
+        handle.close()
+        seconds = round(time.monotonic() - start, 1)
+        summary.append({"step": name, "seconds": seconds, "exit": code, "log": str(log), **settings})
+        print(f"   {name} {'ok' if code == 0 else 'FAILED'} after {seconds} s (log {log})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,21 +97,31 @@ def main(argv: list[str] | None = None) -> int:
         out / "pytest.log",
         summary,
     )
-    _step(
-        "fuzz_manifest",
-        [py, "bench/fuzz_manifest.py", "--cases", str(cases), "--json-out", str(out / "fuzz_manifest.json")],
-        out / "fuzz_manifest.log",
-        summary,
-        cases=cases,
-    )
-    # fuzz_protocol: hypothesis cases, then a plain random engine (10k + 100k by default, its own split)
+    # The two fuzzers are single-threaded: run them side by side, one per core.
     proto = ["--cases", "1000", "--random-cases", "10000"] if args.quick else []
-    _step(
-        "fuzz_protocol",
-        [py, "bench/fuzz_protocol.py", *proto, "--json-out", str(out / "fuzz_protocol.json")],
-        out / "fuzz_protocol.log",
+    _parallel(
+        [
+            (
+                "fuzz_manifest",
+                [
+                    py,
+                    "bench/fuzz_manifest.py",
+                    "--cases",
+                    str(cases),
+                    "--json-out",
+                    str(out / "fuzz_manifest.json"),
+                ],
+                {"cases": cases},
+            ),
+            (
+                # hypothesis cases, then a plain random engine (10k + 100k by default, its own split)
+                "fuzz_protocol",
+                [py, "bench/fuzz_protocol.py", *proto, "--json-out", str(out / "fuzz_protocol.json")],
+                {"args": " ".join(proto) or "defaults (10k hypothesis + 100k random)"},
+            ),
+        ],
+        out,
         summary,
-        args=" ".join(proto) or "defaults (10k hypothesis + 100k random)",
     )
     _step(
         "load",
