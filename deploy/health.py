@@ -5,7 +5,7 @@ Two questions, both answered from stored results (never from the station's own s
                   NOK rate delta = NOK rate(NEW, after install) - NOK rate(OLD, before); the score shift is
                   |median(NEW) - median(OLD)| in units of OLD's interquartile range (robust to outliers,
                   comparable across classes whatever a bundle's score scale).
-  shadow compare  on frames both scored (same station and frame_id; the candidate's result has
+  shadow compare  on frames both scored (same station, boot epoch and frame_id; the candidate's result has
                   shadow=True), how many decisions flip, how well scores correlate, NOK rate delta.
 ERROR results count towards neither rate (they are not decisions).
 """
@@ -153,7 +153,12 @@ def compare_shadow(
             live.c.image_score.label("s_active"),
             shadow.c.image_score.label("s_candidate"),
         )
-        .join(shadow, (shadow.c.station_id == live.c.station_id) & (shadow.c.frame_id == live.c.frame_id))
+        .join(
+            shadow,
+            (shadow.c.station_id == live.c.station_id)
+            & (shadow.c.epoch == live.c.epoch)  # frame ids repeat after a station restart
+            & (shadow.c.frame_id == live.c.frame_id),
+        )
         .where(
             live.c.bundle_id == active,
             live.c.shadow.is_(False),
