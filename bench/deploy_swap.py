@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,7 @@ def run(work: Path, updates: int, fps: float) -> dict[str, Any]:
         stop.set()
         thread.join(60)
         reg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     before = [f for f in frames if f[0] < first_update]
     gaps = _gaps(before)
     return {
