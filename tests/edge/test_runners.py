@@ -81,7 +81,8 @@ def test_ort_runner_rejects_missing_inputs_and_bad_files(uff, tmp_path) -> None:
 
 
 def test_make_runner_auto_picks_ort_here_and_logs_one_line(uff, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="m3dm.edge"):
+    # One debug line per runner (the bundle load logs the backend at INFO once).
+    with caplog.at_level(logging.DEBUG, logger="m3dm.edge"):
         runner = make_runner(uff[1], backend="auto")
     assert isinstance(runner, OrtRunner)
     lines = [r.getMessage() for r in caplog.records if r.name == "m3dm.edge"]
