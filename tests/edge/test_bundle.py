@@ -7,7 +7,7 @@ import io
 import json
 import shutil
 import tarfile
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -490,3 +490,10 @@ def test_inspect_of_a_tar_without_manifest_or_unreadable(tmp_path: Path) -> None
     junk.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ArchiveError, match="junk.tar: unreadable archive"):
         inspect_bundle(junk)
+
+
+def test_a_bundle_is_expired_at_its_expiry_second_not_after(built) -> None:
+    expires = datetime(2027, 1, 1, tzinfo=UTC)
+    assert verify_bundle(built[0], built[1], now=expires.replace(second=0) - timedelta(seconds=1)).version
+    with pytest.raises(ExpiredError, match="expired at 2027-01-01T00:00:00Z"):
+        verify_bundle(built[0], built[1], now=expires)
