@@ -24,9 +24,6 @@ runner = CliRunner()
         ["export"],
         ["bundle", "build"],
         ["bundle", "verify"],
-        ["edge"],
-        ["collector"],
-        ["deploy"],
         ["demo"],
     ],
 )
@@ -69,11 +66,6 @@ def test_unknown_class_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> N
         app, ["train", "--data", str(tiny_dataset), "--class", "nope", "--out", str(tmp_path)]
     )
     assert result.exit_code == 1 and "unknown class" in result.output
-
-
-def test_roles_not_yet_built_say_so(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["edge"])
-    assert result.exit_code == 2 and "not part of this release" in result.output
 
 
 def test_eval_json_has_mean_and_per_class_variants(
