@@ -126,6 +126,22 @@ def evaluate_class(
     return metrics, scored
 
 
+def _skipped_banner(classes_meta: dict[str, Any]) -> str:
+    """Unreadable test scans are left out of the metrics: say how many, per class, above the tables."""
+    counts = {c: len(m.get("skipped") or []) for c, m in classes_meta.items()}
+    if not any(counts.values()):
+        return ""
+    for class_name, count in counts.items():
+        if count:
+            log.warning(
+                "%s: %d test scan(s) could not be read and are left out of the metrics", class_name, count
+            )
+    listed = ", ".join(
+        f"{c}: {n} of {classes_meta[c].get('test_count', 0) + n}" for c, n in counts.items() if n
+    )
+    return f"> **Skipped test scans** (unreadable, not in the metrics; see results.json): {listed}\n\n"
+
+
 def summarise(
     results: dict[str, dict[str, VariantMetrics]], out: Path, extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -137,6 +153,7 @@ def summarise(
     if random:
         # Random backbones exist for speed tests only; no table from them may pass as a quality result.
         markdown = f"> **RANDOM WEIGHTS** ({', '.join(random)}): these numbers measure nothing.\n\n{markdown}"
+    markdown = _skipped_banner(extra.get("classes_meta", {})) + markdown
     (out / "results.md").write_text(markdown)
     write_json(out / "results.json", results, extra)
     payload = results_to_json(results)
@@ -203,6 +220,7 @@ def evaluate_bundle(data_root: Path, bundle: Path, key: Path | None, out: Path |
         "classes_meta": {
             station.info.class_name: {
                 "test_count": len(scored.split.refs),
+                "skipped": scored.split.skipped,
                 "score_ms_per_frame": scored.score_ms,
                 "preset": station.info.preset.name,
                 "random_weights": station.manifest.random_weights,
