@@ -1,5 +1,8 @@
 """Measures the weight-free descriptors of `m3dm-free` (core.free_features) on generated scans.
 
+NOT THE PRODUCT PATH: a simplified scorer of its own (no coreset, no reweighting, no blur, no UFF/DLF) to
+compare descriptor candidates with each other. Product figures come from `m3dm eval` (core.model.FrameScorer).
+
 Per class: memory bank = every training patch descriptor; test patch score = nearest-neighbour distance; image
 score = max patch score; pixel map = patch scores nearest-upsampled to 224. Prints I-AUROC / P-AUROC per
 descriptor group and combination, under two normalisations: per-dimension standardisation (train mean/std) and
@@ -307,6 +310,7 @@ def run(data: dict, with_fpfh: bool, only: list[str]) -> None:
     for k, v in timings.items():
         print(f"time {k:12s} median {1000 * np.median(v):7.1f} ms  (shared 2-core box, noisy)")
     cands = [c for c in (only or CANDIDATES) if with_fpfh or "fpfh" not in c]
+    print("simplified scorer, NOT the product path (no coreset/reweighting/blur/UFF/DLF): compare rows only")
     print(f"{'candidate':28s} dim | I-AUROC std / scalar | P-AUROC std / scalar   (mean over classes)")
     for cand in cands:
         rows = []
