@@ -206,13 +206,15 @@ def run_case(args: argparse.Namespace, backend: str, maps: bool) -> dict[str, An
                 cmd += ["--seconds", str(args.seconds), "--window", str(args.window)] + (
                     ["--maps"] if maps else []
                 )
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+                # a file, not a pipe: a report bigger than the pipe buffer would block the station's exit
+                with (work / f"{name}.json").open("wb") as out:
+                    procs.append(subprocess.Popen(cmd, stdout=out))
             cpu, rss = [], []
             while any(p.poll() is None for p in procs):
                 time.sleep(1.0)
                 cpu.append(ps.cpu_percent(None))
                 rss.append(ps.memory_info().rss / 2**20)
-            reports = [json.loads(p.stdout.read()) for p in procs]
+            reports = [json.loads((work / f"bench-{i:02d}.json").read_text()) for i in range(args.stations)]
             cpu_end = ps.cpu_times()
             cpu_s = (cpu_end.user + cpu_end.system) - (cpu_start.user + cpu_start.system)
         finally:
