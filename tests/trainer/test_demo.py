@@ -48,8 +48,9 @@ def test_quick_demo_stores_every_scan_once_with_the_offline_decision(tmp_path: P
     engine = make_engine(summary["db"])
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(t.c.station_id, t.c.frame_id, t.c.decision, t.c.image_score, t.c.bundle_version)
-            .where(t.c.shadow.is_(False))
+            sa.select(t.c.station_id, t.c.frame_id, t.c.decision, t.c.image_score, t.c.bundle_version).where(
+                t.c.shadow.is_(False)
+            )
         ).all()
     parts = [r for r in rows if not r.frame_id.startswith("warmup/")]
     stations = summary["plan"]["stations"]

@@ -1,4 +1,4 @@
-"""Cross-fitted thresholds: out-of-fold scores, order-statistic false-reject rates, and a check on new normals."""
+"""Cross-fitted thresholds: out-of-fold scores, order-statistic false-reject rates, a check on new normals."""
 
 from __future__ import annotations
 

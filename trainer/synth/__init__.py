@@ -25,8 +25,8 @@ __all__ = [
 ]
 
 
-def write_preview(data_root: Path, out_path: Path) -> Path:
+def write_preview(data_root: Path, out_png: Path, per_class: int = 4) -> Path:
     """The contact sheet (matplotlib, imported only here: a station's `synth:` source must not need it)."""
     from trainer.synth.preview import write_preview as write
 
-    return write(data_root, out_path)
+    return write(data_root, out_png, per_class)
