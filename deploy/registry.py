@@ -45,6 +45,7 @@ class Registry:
         self.rollouts = RolloutEngine(self.engine, self.collector_engine)
         self._stop = threading.Event()
         self.endpoint = ""
+        self._auth: AllowListAuthenticator | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -52,7 +53,7 @@ class Registry:
     def serve(self, ready: Any = None) -> None:
         """Run until stop() or SIGTERM/SIGINT. `ready(endpoint)` is called once the socket is bound."""
         ctx = zmq.Context()
-        auth = AllowListAuthenticator(ctx, self.cfg.allow_dir).start()
+        auth = self._auth = AllowListAuthenticator(ctx, self.cfg.allow_dir).start()
         sock = ctx.socket(zmq.ROUTER)
         try:
             load_keypair(self.cfg.curve_dir).apply_server(sock)
@@ -95,9 +96,16 @@ class Registry:
         if len(frames) < 2:
             return None
         try:
-            peer = fingerprint(frames[1].get("User-Id").encode())
-        except (zmq.ZMQError, AttributeError):
-            peer = ""
+            user_id = frames[1].get("User-Id") or ""
+        except zmq.ZMQError:
+            user_id = ""
+        peer = fingerprint(user_id.encode()) if user_id else ""
+        if self._auth is not None and user_id.encode() not in self._auth.allowed():
+            # ZAP checks a key once per connection; a key revoked since then must not keep a station in.
+            log.warning("refused message from %s: key no longer allowed", peer or "?")
+            return encode(
+                ErrorReply(code="not_allowed", reason="this station's key is not (or no longer) allowed")
+            )
         try:
             msg, _ = decode(frames[1:], registry_accepts)
             return self._dispatch(msg, peer)

@@ -376,6 +376,39 @@ def test_collector_stops_taking_results_from_a_revoked_key_on_an_open_connection
 
 
 @pytest.mark.integration
+def test_registry_stops_answering_a_revoked_key_on_an_open_connection(
+    tmp_path: Path, curve_keys: dict[str, Path]
+) -> None:
+    from protocol.deploy_messages import CheckIn, CheckInReply
+
+    server = _registry(tmp_path, curve_keys)
+    ctx = zmq.Context()
+    station = None
+    try:
+        station = Peer(ctx, server.endpoint, curve_keys["known"], load_public_key(curve_keys["registry"]))
+        assert station.handshake() == "ok"
+
+        def check_in() -> Any:
+            station.send(encode(CheckIn(station_id="known", epoch=1, ts=time.time())))
+            if not station.sock.poll(10_000):
+                return None
+            return decode(station.sock.recv_multipart(), CheckInReply | ErrorReply)[0]
+
+        assert isinstance(check_in(), CheckInReply)
+        for revoked in curve_keys["allow"].glob("known*.key"):
+            revoked.unlink()
+        time.sleep(1.5)  # the allow-list watcher polls the folder every 0.5 s
+        reply = check_in()  # the same, already authenticated connection
+        assert isinstance(reply, ErrorReply) and reply.code == "not_allowed", reply
+        assert server.alive()
+    finally:
+        if station is not None:
+            station.close()
+        ctx.term()
+        server.stop()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("role", sorted(SERVERS))
 def test_a_frame_over_maxmsgsize_is_dropped_at_the_socket(
     role: str, tmp_path: Path, curve_keys: dict[str, Path]
