@@ -241,7 +241,7 @@ def _run_fleet(out: Path, plan: DemoPlan, built: dict, keys: Path, data: Path, k
             )
         rollouts = {}
         with stage("rollout", timings, paths.logs):
-            wait_for_baseline(group, paths, list(plan.stations), per_station=4)
+            wait_for_baseline(group, paths, list(plan.stations), per_station=6)
             for cls in plan.classes:
                 if cls not in plan.stations.values():
                     continue

@@ -220,7 +220,12 @@ def wait_for_baseline(
 def roll_out(
     paths: FleetPaths, tar: Path, signing_keys: Path, class_name: str, quick: bool
 ) -> dict[str, Any]:
-    """Publish a bundle and roll it out to the class's stations, canary first; returns the final status."""
+    """Publish a bundle and roll it out to the class's stations, canary first; returns the final status.
+
+    Bounds: int8 banks move kNN distances a little, systematically, and the warm-up traffic is a handful of
+    looping validation normals whose score IQR is small, so a median shift of 1 IQR is within what the
+    update itself causes (seen: 0.5-1.0). 2.5 IQRs still stops a bundle that scores the parts differently.
+    """
     published = json.loads(
         _cli(
             "deploy", "publish", str(tar), "--store", str(paths.store), "--db", paths.db_url,
@@ -233,8 +238,8 @@ def roll_out(
         _cli(
             "deploy", "rollout", "--db", paths.db_url, "--bundle", bundle_id,
             "--stations", f"class={class_name}", "--canary", "1", "--wave-size", "1",
-            "--soak", "2s" if quick else "5s", "--min-results", "3",
-            "--max-nok-rate-delta", "0.25", "--max-score-shift", "1.0", "--install-timeout", "120s",
+            "--soak", "2s" if quick else "5s", "--min-results", "6",
+            "--max-nok-rate-delta", "0.25", "--max-score-shift", "2.5", "--install-timeout", "120s",
             "--actor", "m3dm-demo", "--reason", f"demo rollout of {class_name} 1.1.0",
             "--wait", "--wait-timeout", "6m", "--json",
             timeout_s=420,
