@@ -32,14 +32,20 @@ _CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 class FleetPaths:
     root: Path
     keys: Path
-    db_url: str
+    db_url: str  # the collector's defect log
+    registry_db_url: str  # fleet, rollouts, audit: its own SQLite file, so CLI writes never wait on ingest
     store: Path
     logs: Path
 
     @classmethod
     def under(cls, root: Path) -> FleetPaths:
         return cls(
-            root, root / "keys", f"sqlite:///{root / 'fleet.db'}", root / "registry-store", root / "logs"
+            root,
+            root / "keys",
+            f"sqlite:///{root / 'fleet.db'}",
+            f"sqlite:///{root / 'registry.db'}",
+            root / "registry-store",
+            root / "logs",
         )
 
 
@@ -113,7 +119,8 @@ def bring_up(group: ProcessGroup, paths: FleetPaths, signing_keys: Path, bundles
             "deploy", "serve",
             "--store", str(paths.store),
             "--bind", registry_ep,
-            "--db", paths.db_url,
+            "--db", paths.registry_db_url,
+            "--collector-db", paths.db_url,
             "--curve-dir", str(paths.keys / "registry"),
             "--allow", str(paths.keys / "allow"),
             "--signing-key", str(signing_keys),
@@ -230,7 +237,7 @@ def roll_out(
     """
     published = json.loads(
         _cli(
-            "deploy", "publish", str(tar), "--store", str(paths.store), "--db", paths.db_url,
+            "deploy", "publish", str(tar), "--store", str(paths.store), "--db", paths.registry_db_url,
             "--key", str(signing_keys), "--actor", "m3dm-demo", "--reason", "int8 banks, 4x smaller",
             "--json",
         )
@@ -238,7 +245,7 @@ def roll_out(
     bundle_id = published["bundle_id"]
     status = json.loads(
         _cli(
-            "deploy", "rollout", "--db", paths.db_url, "--bundle", bundle_id,
+            "deploy", "rollout", "--db", paths.registry_db_url, "--bundle", bundle_id,
             "--stations", f"class={class_name}", "--canary", "1", "--wave-size", "1",
             "--soak", "2s" if quick else "5s", "--min-results", "6",
             "--max-nok-rate-delta", "0.5", "--max-score-shift", "5", "--install-timeout", "120s",
