@@ -30,6 +30,6 @@ def test_unknown_keys_and_bad_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="backpressure"):
         StationConfig(station_id="s", bundle=Path("b"), source="x", backpressure="drop_newest")
     with pytest.raises(ConfigError, match="collector needs curve_dir"):
-        StationConfig(station_id="s", bundle=Path("b"), source="x", collector="tcp://127.0.0.1:5555")
+        StationConfig(station_id="s", bundle=Path("b"), source="x", collector="tcp://collector.invalid:1")
     with pytest.raises(ConfigError, match="station_id"):
         StationConfig(station_id="a/b", bundle=Path("b"), source="x")
