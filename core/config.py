@@ -5,7 +5,7 @@ Model-side facts (sizes, normalisation, dims) travel in the bundle manifest buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from core.errors import ConfigError
 
@@ -40,6 +40,22 @@ class PreprocessConfig:
 
 
 POINT_BN_MODES = ("batch", "stored")
+# How a bank turns its patch distances into one image score (core.scoring.bank_image_score):
+# "max_patch" PatchCore-reweighted max patch distance (M3DM, spec §6); "max_blurred_map" max of the blurred,
+# upsampled map; "topk_mean" mean of the top `topk_fraction` of patch distances; "local_norm" max of each
+# patch distance divided by the variability training normals show there (per nearest bank row, or per grid
+# position), fitted by the trainer and shipped with the bank.
+IMAGE_RULES = ("max_patch", "max_blurred_map", "topk_mean", "local_norm")
+LOCAL_NORM_KEYS = ("row", "position")
+
+
+def _check_image_rule(rule: str, topk_fraction: float, local_key: str) -> None:
+    if rule not in IMAGE_RULES:
+        raise ConfigError(f"image_rule must be one of {IMAGE_RULES}, got {rule!r}")
+    if not 0 < topk_fraction <= 1:
+        raise ConfigError(f"topk_fraction must lie in (0, 1], got {topk_fraction}")
+    if local_key not in LOCAL_NORM_KEYS:
+        raise ConfigError(f"local_key must be one of {LOCAL_NORM_KEYS}, got {local_key!r}")
 
 
 @dataclass(frozen=True)
@@ -69,10 +85,16 @@ class FeaturePreset:
     # The official preprocessing keeps the largest cluster of the cloud; on for the pretrained presets so a
     # raw MVTec 3D-AD scan is prepared as the published numbers assume (core.plane.keep_largest_cluster).
     largest_cluster: bool = False
+    # The image-score rule of every bank (ScoreConfig.image_rule and its parameters), chosen per preset on
+    # validation defects (bench/image_score_rules.py, BENCHMARKS.md "Image-score rule (issue 15)").
+    image_rule: str = "max_patch"
+    image_topk_fraction: float = 0.01
+    image_local_key: str = "row"
 
     def __post_init__(self) -> None:
         if self.point_bn not in POINT_BN_MODES:
             raise ConfigError(f"point_bn must be one of {POINT_BN_MODES}, got {self.point_bn!r}")
+        _check_image_rule(self.image_rule, self.image_topk_fraction, self.image_local_key)
 
     @property
     def fusion_dim(self) -> int:
@@ -175,12 +197,28 @@ class UFFConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Per-bank scoring (spec §6): PatchCore reweighting and map smoothing."""
+    """Per-bank scoring (spec §6): PatchCore reweighting and map smoothing, and the image-score rule."""
 
     reweight_k: int = 3
     blur_sigma_px: float = 4.0
     output_size: int = 224
     rgb_lambda: float = 0.1
+    image_rule: str = "max_patch"
+    topk_fraction: float = 0.01  # used by "topk_mean": share of the g·g patches averaged
+    local_key: str = "row"  # used by "local_norm": what the training variability is indexed by
+
+    def __post_init__(self) -> None:
+        _check_image_rule(self.image_rule, self.topk_fraction, self.local_key)
+
+
+def score_config_for(preset: FeaturePreset, base: ScoreConfig | None = None) -> ScoreConfig:
+    """`base` (default ScoreConfig()) with the preset's image-score rule."""
+    return replace(
+        base or ScoreConfig(),
+        image_rule=preset.image_rule,
+        topk_fraction=preset.image_topk_fraction,
+        local_key=preset.image_local_key,
+    )
 
 
 @dataclass(frozen=True)
