@@ -24,7 +24,9 @@ __all__ = [
     "BANK_ENCODINGS",
     "MANIFEST_NAME",
     "NETWORK_NAMES",
+    "IMAGE_SCORE_RULES",
     "INDEX_KINDS",
+    "LOCAL_NORM_KEYS",
     "PRECISIONS",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
@@ -52,6 +54,9 @@ SIGNATURE_NAME = "manifest.sig"
 BANK_ENCODINGS = ("fp32", "fp16", "int8", "pq")
 PRECISIONS = ("fp32", "fp16", "int8")
 INDEX_KINDS = ("ivf-flat", "hnsw")  # faiss ANN index files a bank may ship with
+# How each bank's patch distances become its image score (core.config.IMAGE_RULES, core.scoring)
+IMAGE_SCORE_RULES = ("max_patch", "max_blurred_map", "topk_mean", "local_norm")
+LOCAL_NORM_KEYS = ("row", "position")
 NETWORK_NAMES = ("rgb", "point", "uff")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -260,12 +265,17 @@ class BankSpec(_Record):
     index_kind: str | None = None  # one of INDEX_KINDS
     index_params: dict[str, int] | None = None  # search knob: {"nprobe": n} or {"ef_search": n}
     index_recall: float | None = None  # recall@1 vs exact on held-out normals when it was chosen
+    # (K,) float32 .npy: the training normals' distance scale per bank row or grid position, which the
+    # "local_norm" image-score rule divides patch distances by; absent for the other rules
+    local_scale_path: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_relpath(self.path)
         if self.stats_path is not None:
             check_relpath(self.stats_path)
+        if self.local_scale_path is not None:
+            check_relpath(self.local_scale_path)
         _require(
             (self.index_path is None) == (self.index_kind is None) == (self.index_params is None),
             f"{self.path}: index_path, index_kind and index_params come together",
@@ -301,11 +311,21 @@ class ScoringSpec(_Record):
     output_size: int
     score_stats: dict[str, dict[str, float]] = {}
     dlf: dict[str, DLFCoefficients] = {}
+    # The image-score rule of every bank and its parameters; older manifests had only max_patch.
+    image_score_rule: str = "max_patch"
+    image_topk_fraction: float = 0.01  # "topk_mean": share of patches averaged
+    local_norm_key: str = "row"  # "local_norm": the bank's local_scale_path is per bank row or position
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.blur_sigma_px >= 0, "ScoringSpec: blur_sigma_px must be >= 0")
         _require(self.reweight_k >= 1 and self.output_size > 0, "ScoringSpec: reweight_k/output_size > 0")
+        _require(
+            self.image_score_rule in IMAGE_SCORE_RULES,
+            f"ScoringSpec: unknown image_score_rule {self.image_score_rule!r}",
+        )
+        _require(0 < self.image_topk_fraction <= 1, "ScoringSpec: image_topk_fraction must lie in (0, 1]")
+        _require(self.local_norm_key in LOCAL_NORM_KEYS, f"ScoringSpec: unknown {self.local_norm_key!r}")
 
 
 class Thresholds(_Record):
@@ -394,6 +414,11 @@ class BundleManifest(_Record):
         _require(not unknown, f"unknown network name(s) {unknown}; known: {NETWORK_NAMES}")
         _require("uff" in self.networks, "networks must include 'uff' (every preset fuses features)")
         _require(bool(self.banks), "at least one memory bank is required")
+        unscaled = sorted(n for n, b in self.banks.items() if b.local_scale_path is None)
+        _require(
+            self.scoring.image_score_rule != "local_norm" or not unscaled,
+            f"image_score_rule local_norm needs every bank's local_scale_path; missing for {unscaled}",
+        )
         for relpath, digest in self.files.items():
             check_relpath(relpath)
             _check_sha256(digest, relpath)
@@ -416,6 +441,7 @@ class BundleManifest(_Record):
         paths = {ref.path for ref in self.networks.values()} | {bank.path for bank in self.banks.values()}
         paths |= {bank.stats_path for bank in self.banks.values() if bank.stats_path is not None}
         paths |= {bank.index_path for bank in self.banks.values() if bank.index_path is not None}
+        paths |= {b.local_scale_path for b in self.banks.values() if b.local_scale_path is not None}
         paths |= {sample.input_path for sample in self.golden}
         return sorted(paths)
 

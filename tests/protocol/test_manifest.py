@@ -425,3 +425,26 @@ def test_bank_index_fields_come_together_and_are_hashed_like_every_file() -> Non
 def test_a_nan_inside_a_tuple_names_its_index() -> None:
     with pytest.raises(SchemaError, match=r"InputSpec.rgb_mean\[1\]: must be finite, got nan"):
         InputSpec(**(INPUT | {"rgb_mean": (0.5, float("nan"), 0.5)}))
+
+
+def test_image_score_rule_defaults_for_old_manifests_and_local_norm_needs_signed_scales() -> None:
+    old = sealed_manifest().to_dict()
+    for key in ("image_score_rule", "image_topk_fraction", "local_norm_key"):
+        old["scoring"].pop(key)
+    parsed = BundleManifest.from_dict(old)  # a manifest written before the rule existed still loads
+    assert (parsed.scoring.image_score_rule, parsed.scoring.local_norm_key) == ("max_patch", "row")
+    with pytest.raises(SchemaError, match="unknown image_score_rule 'median'"):
+        ScoringSpec(0.1, 4.0, 3, 224, image_score_rule="median")
+    with pytest.raises(SchemaError, match="image_topk_fraction must lie in"):
+        ScoringSpec(0.1, 4.0, 3, 224, image_score_rule="topk_mean", image_topk_fraction=0.0)
+    local = ScoringSpec(0.1, 4.0, 3, 224, image_score_rule="local_norm", local_norm_key="position")
+    with pytest.raises(SchemaError, match=r"local_norm needs every bank's local_scale_path; .*\['rgb'\]"):
+        sealed_manifest(scoring=local)
+    bank = BankSpec("banks/rgb.npz", "pq", 300, 48, 28, pq_m=6, local_scale_path="banks/rgb_local.npy")
+    manifest = sealed_manifest(scoring=local, banks={"rgb": bank})
+    assert "banks/rgb_local.npy" in manifest.referenced_paths()
+    with pytest.raises(SchemaError, match=r"not listed in `files`: \['banks/rgb_local.npy'\]"):
+        manifest.check_sealed()  # the scale file is hashed and signed like every bank file
+    assert BundleManifest.from_dict(msgspec.structs.replace(
+        manifest, files={**manifest.files, "banks/rgb_local.npy": SHA_B}
+    ).to_dict()).scoring == local  # fmt: skip
