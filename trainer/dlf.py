@@ -13,6 +13,7 @@ from core.config import DLFConfig, ScoreConfig
 from core.errors import ShapeError
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
 from core.model import BANKS, COMBINATIONS, prepare_dlf_inputs
+from trainer.errors import TrainingError
 
 __all__ = ["fit_dlf", "fit_linear_ocsvm", "fit_score_normaliser", "sample_pixels"]
 
@@ -24,9 +25,11 @@ def fit_linear_ocsvm(x_nf: np.ndarray, cfg: DLFConfig) -> LinearOneClassSVM:
         raise ShapeError(f"DLF inputs must be finite (N>=2, F), got {x.shape}")
     svm = SGDOneClassSVM(nu=cfg.nu, max_iter=cfg.max_iter, random_state=cfg.seed)
     svm.fit(x)
-    return LinearOneClassSVM(
-        coef_f=np.asarray(svm.coef_).reshape(-1), offset=float(np.asarray(svm.offset_)[0])
-    )
+    coef_f, offset = np.asarray(svm.coef_, dtype=np.float64).reshape(-1), float(np.asarray(svm.offset_)[0])
+    # SGD on the hinge loss can diverge like any other training; a non-finite weight is never shipped.
+    if not (np.isfinite(coef_f).all() and np.isfinite(offset)):
+        raise TrainingError(f"DLF one-class SVM diverged on {x.shape} inputs: coef {coef_f}, offset {offset}")
+    return LinearOneClassSVM(coef_f=coef_f, offset=offset)
 
 
 def _check_scores(bank_image_nb: np.ndarray, bank_maps_nbhw: np.ndarray) -> None:

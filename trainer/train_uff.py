@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from core.config import UFFConfig
 from core.errors import CorruptFileError, MissingWeightsError, ShapeError
+from trainer.errors import TrainingError
 from trainer.models.uff import FeatureFusionBlock
 
 __all__ = [
@@ -115,7 +116,11 @@ def train_uff(
         progress: show a progress bar with the running loss.
 
     Returns:
-        The trained block (eval mode) and the loss of every optimiser step.
+        The trained block (eval mode) and the loss of every optimiser step (NaN for a skipped step).
+
+    Raises:
+        TrainingError: a step's loss is NaN or inf (naming epoch and step), or no step had two valid patches
+            to contrast, so nothing was learned. The caller saves nothing then.
     """
     if point_feats_nhwc.ndim != 4 or point_feats_nhwc.shape[0] == 0:
         raise ShapeError(f"need (N>=1,56,56,Cp) point features, got {point_feats_nhwc.shape}", "uff training")
@@ -147,7 +152,14 @@ def train_uff(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(len(history), total_steps, warmup_steps, cfg.lr)
-                history.append(_optimise(block, optimizer, point_rows, rgb_rows, cfg.temperature))
+                loss = _optimise(block, optimizer, point_rows, rgb_rows, cfg.temperature)
+                if loss is not None and not math.isfinite(loss):
+                    raise TrainingError(
+                        f"UFF training diverged: loss is {loss} at epoch {epoch + 1}/{epochs}, step "
+                        f"{len(history) + 1}/{total_steps} (lr {cfg.lr:g}, temperature {cfg.temperature:g}); "
+                        "no model was saved. Check the features for NaN/inf or lower the learning rate."
+                    )
+                history.append(float("nan") if loss is None else loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
             step_ms = 1000 * (time.perf_counter() - started_s) / steps_per_epoch
@@ -159,6 +171,11 @@ def train_uff(
                 else logging.DEBUG
             )
             log.log(level, "UFF epoch %d/%d: loss %.4f, %.0f ms/step", epoch + 1, epochs, epoch_loss, step_ms)
+    if not any(math.isfinite(v) for v in history):
+        raise TrainingError(
+            f"UFF training learned nothing: none of its {total_steps} steps had two foreground point "
+            "patches to contrast (every point feature is background); no model was saved"
+        )
     return block.eval(), history
 
 
@@ -168,10 +185,10 @@ def _optimise(
     point_rows: torch.Tensor,
     rgb_rows: torch.Tensor,
     temperature: float,
-) -> float:
-    """One optimiser step; a step with fewer than 2 valid patches has no negatives and is skipped (nan)."""
+) -> float | None:
+    """One optimiser step and its loss; a step with fewer than 2 valid patches has no negatives: None."""
     if point_rows.shape[0] < 2:
-        return float("nan")
+        return None
     optimizer.zero_grad(set_to_none=True)
     loss = contrastive_loss(block, point_rows, rgb_rows, temperature)
     loss.backward()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from core.config import UFFConfig
 from core.errors import CorruptFileError, MissingWeightsError, ShapeError
+from trainer.errors import TrainingError
 from trainer.models.uff import FeatureFusionBlock
 from trainer.train_uff import (
     contrastive_loss,
@@ -209,3 +210,24 @@ def test_load_official_uff_fails_loudly_on_key_mismatch(tmp_path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
     with pytest.raises(CorruptFileError, match="junk.pth"):
         load_official_uff(tmp_path / "junk.pth")
+
+
+def test_a_nan_loss_fails_training_naming_epoch_and_step() -> None:
+    point, rgb = _correlated_features(4, seed=1)
+    point[0, 10, 10, 0] = np.nan  # one NaN feature in the first step's images poisons its loss
+    cfg = UFFConfig(**{**CFG.__dict__, "batch_images": 4, "max_patches_per_step": 100_000})
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1/4, step 1/4 .*no model was saved"):
+        train_uff(point, rgb, cfg, progress=False)
+
+
+def test_a_diverging_learning_rate_fails_training_instead_of_returning_nan_weights() -> None:
+    point, rgb = _correlated_features(4, seed=1)
+    cfg = UFFConfig(**{**CFG.__dict__, "lr": 1e12, "warmup_epochs": 0})
+    with pytest.raises(TrainingError, match=r"UFF training diverged: loss is nan at epoch \d+/4, step \d+/8"):
+        train_uff(point, rgb, cfg, progress=False)
+
+
+def test_all_background_point_features_fail_training_as_learning_nothing() -> None:
+    point, rgb = _correlated_features(4, seed=1)
+    with pytest.raises(TrainingError, match="learned nothing: none of its 8 steps had two foreground"):
+        train_uff(np.zeros_like(point), rgb, CFG, progress=False)
