@@ -111,8 +111,8 @@ FREE_POINT_DIM = 9
 
 # `m3dm-site`: an rgb CNN trained per class on its own normals (trainer/site); the station runs its ONNX graph.
 SITE_BACKBONE = "site_cnn"
-SITE_WIDTH = 24  # base channels of trainer.site.model.SiteEncoder
-SITE_RGB_DIM = 10 * SITE_WIDTH  # its tokens: stride-4, -8 and -16 maps (2 + 4 + 4 widths) on the 28x28 grid
+SITE_WIDTH = 32  # base channels of trainer.site.model.SiteEncoder
+SITE_RGB_DIM = 7 * SITE_WIDTH  # its tokens: stride-4, -8 and -16 maps (1 + 2 + 4 widths) on the 28x28 grid
 
 PRESETS: dict[str, FeaturePreset] = {
     "m3dm": FeaturePreset(
