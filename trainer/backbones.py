@@ -58,9 +58,18 @@ def _rgb_module(preset: FeaturePreset, weights: WeightPaths):  # noqa: ANN202 - 
 
 def _point_module(preset: FeaturePreset, weights: WeightPaths):  # noqa: ANN202 - torch module
     from trainer.checkpoints import load_point_mae, random_init
-    from trainer.models.point_mae import build_point_backbone
+    from trainer.models.point_mae import POINT_MAE_DIM, build_point_backbone
 
-    model = build_point_backbone(preset.point_bn)
+    layers = tuple(preset.point_layers)
+    if preset.point_dim != POINT_MAE_DIM * len(layers):
+        raise ConfigError(
+            f"preset {preset.name}: point_dim {preset.point_dim} != {POINT_MAE_DIM} x {len(layers)} "
+            f"point_layers {layers}"
+        )
+    try:
+        model = build_point_backbone(preset.point_bn, layers)
+    except ValueError as err:
+        raise ConfigError(f"preset {preset.name}: {err}") from None
     if preset.random_weights:
         random_init(model, seed=1)
     else:

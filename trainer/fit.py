@@ -49,11 +49,17 @@ def stack_features(features: list[PatchFeatures]) -> tuple[np.ndarray, np.ndarra
     return np.stack([f.point_hwc for f in features]), np.stack([f.rgb_hwc for f in features])
 
 
-def bank_from_grids(name: str, feats_nhwc: np.ndarray, fraction: float, cfg: FitConfig) -> Any:
-    """A coreset bank from (N, g, g, C) training grids, normalised as the preset says."""
+def bank_from_grids(
+    name: str, feats_nhwc: np.ndarray, fraction: float, cfg: FitConfig, device: str = "cpu"
+) -> Any:
+    """A coreset bank from (N, g, g, C) training grids, normalised as the preset says.
+
+    device: torch device of the greedy selection ("cuda" on a training GPU; same arithmetic as cpu).
+    """
     rows_nc = feats_nhwc.reshape(-1, feats_nhwc.shape[-1])
     per_dim = cfg.preset.bank_norm == "per_dim"
-    return build_memory_bank(name, rows_nc, feats_nhwc.shape[1], fraction, cfg.coreset, per_dim=per_dim)
+    grid = feats_nhwc.shape[1]
+    return build_memory_bank(name, rows_nc, grid, fraction, cfg.coreset, device=device, per_dim=per_dim)
 
 
 def uff_runner(block: Any) -> TorchRunner:

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.distance import cdist
 
 from core.config import CoresetConfig
@@ -89,3 +90,20 @@ def test_no_cap_by_default_and_a_binding_cap_warns(caplog: pytest.LogCaptureFixt
         capped = build_memory_bank("point", feats, 56, 0.1, CoresetConfig(max_rows=50))
     assert free.feats_mc.shape[0] == 200 and capped.feats_mc.shape[0] == 50
     assert any("max-bank-rows 50 binds" in r.getMessage() for r in caplog.records)
+
+
+def test_the_fit_passes_its_coreset_device_to_the_selection() -> None:
+    from core.config import FitConfig, get_preset
+    from trainer.fit import bank_from_grids
+
+    feats_nhwc = np.random.default_rng(0).standard_normal((2, 8, 8, 6)).astype(np.float32)
+    cfg = FitConfig(preset=get_preset("m3dm-free"))
+    on_cpu = bank_from_grids("rgb", feats_nhwc, 0.25, cfg, device="cpu")
+    if torch.cuda.is_available():  # the accelerator path selects the same rows
+        on_gpu = bank_from_grids("rgb", feats_nhwc, 0.25, cfg, device="cuda")
+        assert np.array_equal(on_gpu.feats_mc, on_cpu.feats_mc)
+    else:  # the device reaches the selection: asking for CUDA here is a clear error, not a silent cpu run
+        with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+            bank_from_grids("rgb", feats_nhwc, 0.25, cfg, device="cuda")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        bank_from_grids("rgb", feats_nhwc, 0.25, cfg, device="meta")

@@ -89,3 +89,29 @@ def test_onnx_export_with_dynamic_batch(tmp_path) -> None:  # noqa: ANN001
         want = model(*inputs).numpy()
     assert got.shape == (3, 16, 144)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_point_layers_choose_the_blocks_whose_normed_outputs_form_the_feature() -> None:
+    from dataclasses import replace
+
+    import pytest
+
+    from core.config import get_preset
+    from core.errors import ConfigError
+    from trainer.backbones import WeightPaths, point_module_for_export
+
+    preset = get_preset("m3dm-random")  # seeded random weights: both modules below are the same network
+    assert preset.point_layers == (3, 7, 11)  # the original's blocks (spec §4)
+    full = point_module_for_export(preset, WeightPaths())
+    last = point_module_for_export(replace(preset, point_layers=(11,), point_dim=384), WeightPaths())
+    gen = torch.Generator().manual_seed(0)
+    neighborhood = torch.randn(1, 16, 32, 3, generator=gen) * 0.002
+    centers = torch.randn(1, 16, 3, generator=gen) * 0.05
+    with torch.no_grad():
+        want, got = full(neighborhood, centers), last(neighborhood, centers)
+    assert want.shape == (1, 16, 1152) and got.shape == (1, 16, 384)
+    assert torch.allclose(got, want[..., 768:], atol=1e-6)
+    with pytest.raises(ConfigError, match=r"point_dim 1152 != 384 x 1 point_layers \(11,\)"):
+        point_module_for_export(replace(preset, point_layers=(11,)), WeightPaths())
+    with pytest.raises(ConfigError, match="ascending and distinct"):
+        point_module_for_export(replace(preset, point_layers=(7, 3), point_dim=768), WeightPaths())

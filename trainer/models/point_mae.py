@@ -14,13 +14,15 @@ from trainer.models.vit import Attention, Mlp
 
 __all__ = [
     "OUTPUT_BLOCKS",
+    "POINT_MAE_DIM",
     "POINT_MAE_PARAMETERS",
     "PointMAEEncoder",
     "build_point_backbone",
     "per_cloud_batch_norm",
 ]
 
-OUTPUT_BLOCKS = (3, 7, 11)  # 0-based blocks whose normed outputs are concatenated
+OUTPUT_BLOCKS = (3, 7, 11)  # 0-based blocks whose normed outputs are concatenated (the original's)
+POINT_MAE_DIM = 384  # channels of one block's output
 POINT_MAE_PARAMETERS = 21_825_024  # spec §4, equals the pretrain checkpoint's encoder
 
 
@@ -106,9 +108,20 @@ class PointMAEEncoder(nn.Module):
     """
 
     def __init__(
-        self, dim: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: int = 4, point_bn: str = "stored"
+        self,
+        dim: int = 384,
+        depth: int = 12,
+        heads: int = 6,
+        mlp_ratio: int = 4,
+        point_bn: str = "stored",
+        output_blocks: tuple[int, ...] = OUTPUT_BLOCKS,
     ) -> None:
         super().__init__()
+        if not output_blocks or list(output_blocks) != sorted(set(output_blocks)):
+            raise ValueError(f"output_blocks must be ascending and distinct, got {output_blocks}")
+        if not all(0 <= b < depth for b in output_blocks):
+            raise ValueError(f"output_blocks {output_blocks} must lie in 0..{depth - 1}")
+        self.output_blocks = tuple(output_blocks)
         self.encoder = Encoder(dim, point_bn)
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
         self.blocks = TransformerEncoder(dim, depth, heads, mlp_ratio)
@@ -122,18 +135,24 @@ class PointMAEEncoder(nn.Module):
             centers: (B, G, 3) float32, absolute centre coordinates, metres.
 
         Returns:
-            (B, G, 3·dim) float32 = [norm(x3), norm(x7), norm(x11)] along channels.
+            (B, G, len(output_blocks)·dim) float32, e.g. [norm(x3), norm(x7), norm(x11)] along channels.
         """
         x = self.encoder(neighborhood)
         pos = self.pos_embed(centers)
         outputs = []
         for index, block in enumerate(self.blocks.blocks):
             x = block(x + pos)  # Point-MAE adds the position embedding before every block
-            if index in OUTPUT_BLOCKS:
+            if index in self.output_blocks:
                 outputs.append(self.norm(x))
         return torch.cat(outputs, dim=-1)
 
 
-def build_point_backbone(point_bn: str = "stored") -> PointMAEEncoder:
-    """The M3DM point network (dim 384, depth 12, 6 heads), untrained, in eval mode."""
-    return PointMAEEncoder(point_bn=point_bn).eval()
+def build_point_backbone(
+    point_bn: str = "stored", output_blocks: tuple[int, ...] = OUTPUT_BLOCKS
+) -> PointMAEEncoder:
+    """The M3DM point network (dim 384, depth 12, 6 heads), untrained, in eval mode.
+
+    output_blocks: the blocks whose normed outputs make the feature (FeaturePreset.point_layers; the
+    original takes 3, 7, 11).
+    """
+    return PointMAEEncoder(point_bn=point_bn, output_blocks=output_blocks).eval()
