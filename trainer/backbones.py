@@ -2,6 +2,8 @@
 
 No weights are ever downloaded: official checkpoints come from files the user gives, and a missing file is a
 clear error. `m3dm-random` builds the official architecture with seeded random weights (benchmarks only).
+`m3dm-site` has no checkpoint to give: its rgb encoder is trained per class (trainer/site) into the class's
+model folder, so its runners need that folder (`class_dir`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import FeaturePreset
+from core.config import SITE_BACKBONE, FeaturePreset
 from core.errors import ConfigError, MissingWeightsError
 from core.features import FeatureRunners
 
@@ -42,7 +44,15 @@ class WeightPaths:
         return Path(base) / WEIGHT_FILES[backbone]
 
 
-def _rgb_module(preset: FeaturePreset, weights: WeightPaths):  # noqa: ANN202 - torch module
+def _rgb_module(preset: FeaturePreset, weights: WeightPaths, class_dir: Path | None = None):  # noqa: ANN202
+    if preset.rgb_backbone == SITE_BACKBONE:
+        from trainer.site.train import SITE_WEIGHTS, load_site
+
+        if class_dir is None:
+            raise ConfigError(
+                f"preset {preset.name}: its rgb encoder is per class; give the class's model folder"
+            )
+        return load_site(Path(class_dir) / SITE_WEIGHTS)
     from trainer.checkpoints import load_dino, load_dinov2, random_init
     from trainer.models.vit import build_rgb_backbone
 
@@ -93,8 +103,13 @@ def check_weights_available(preset: FeaturePreset, weights: WeightPaths) -> None
             )
 
 
-def build_feature_runners(preset: FeaturePreset, weights: WeightPaths) -> FeatureRunners:
-    """Torch runners for the networks of `preset`; None for weight-free modalities."""
+def build_feature_runners(
+    preset: FeaturePreset, weights: WeightPaths, class_dir: Path | None = None
+) -> FeatureRunners:
+    """Torch runners for the networks of `preset`; None for weight-free modalities.
+
+    class_dir: the class's model folder, needed by presets whose networks are trained per class (m3dm-site).
+    """
     from trainer.torch_runner import TorchRunner
 
     if not preset.uses_networks:
@@ -102,7 +117,7 @@ def build_feature_runners(preset: FeaturePreset, weights: WeightPaths) -> Featur
     check_weights_available(preset, weights)
     rgb = point = None
     if preset.rgb_backbone != "free":
-        rgb = TorchRunner(_rgb_module(preset, weights), ["image"], ["tokens"])
+        rgb = TorchRunner(_rgb_module(preset, weights, class_dir), ["image"], ["tokens"])
     if preset.point_backbone != "free":
         point = TorchRunner(_point_module(preset, weights), ["neighborhood", "centers"], ["group_features"])
     if preset.random_weights:
@@ -110,11 +125,11 @@ def build_feature_runners(preset: FeaturePreset, weights: WeightPaths) -> Featur
     return FeatureRunners(rgb=rgb, point=point)
 
 
-def rgb_module_for_export(preset: FeaturePreset, weights: WeightPaths):  # noqa: ANN201
-    """The eval-mode rgb network (for ONNX export)."""
+def rgb_module_for_export(preset: FeaturePreset, weights: WeightPaths, class_dir: Path | None = None):  # noqa: ANN201
+    """The eval-mode rgb network (for ONNX export); class_dir as for build_feature_runners."""
     if preset.rgb_backbone == "free":
         raise ConfigError(f"preset {preset.name} has no rgb network")
-    return _rgb_module(preset, weights)
+    return _rgb_module(preset, weights, class_dir)
 
 
 def point_module_for_export(preset: FeaturePreset, weights: WeightPaths):  # noqa: ANN201
