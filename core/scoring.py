@@ -1,7 +1,8 @@
 """Memory-bank scoring on the station (spec §6): kNN, PatchCore reweighting, map upsampling and blur.
 
 Sits between feature extraction and decision-layer fusion: `score_bank` turns one bank's patch grid into an
-image score and a (224, 224) anomaly map. numpy + scipy only, float32, vectorised BLAS.
+image score (under the configured rule, `bank_image_score`) and a (224, 224) anomaly map. numpy + scipy
+only, float32, vectorised BLAS.
 
 Background skip (exact): a background patch has no valid points, so its point feature is an exact zero
 vector and its normalised query is the constant -mean/scale. Its nearest bank row is computed once per bank
@@ -24,17 +25,20 @@ from core.errors import ConfigError, InputError, ShapeError
 
 __all__ = [
     "BankScore",
+    "bank_image_score",
     "KnownPrefix",
     "KnownRows",
     "MemoryBank",
     "NeighbourIndex",
     "gaussian_blur",
+    "local_norm_max",
     "nearest_neighbours",
     "nearest_per_patch",
     "normalise_features",
     "reweighted_image_score",
     "score_bank",
     "search_bank",
+    "topk_mean",
     "upsample_bilinear",
 ]
 
@@ -95,8 +99,12 @@ class MemoryBank:
     feat_mean_c: np.ndarray
     feat_scale: float | np.ndarray
     index: NeighbourIndex | None = field(default=None, repr=False)
+    # (K,) float32 distance scale of training normals per bank row (K = M) or grid position (K = g·g),
+    # for the "local_norm" image-score rule; its inverse is taken once here, not per frame.
+    local_scale_k: np.ndarray | None = field(default=None, repr=False)
     sq_norms_m: np.ndarray = field(init=False, repr=False)
     zero_query: KnownPrefix = field(init=False, repr=False)
+    local_inv_k: np.ndarray | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         feats = np.ascontiguousarray(self.feats_mc, dtype=np.float32)
@@ -118,6 +126,20 @@ class MemoryBank:
         object.__setattr__(self, "feat_mean_c", mean)
         object.__setattr__(self, "feat_scale", float(scale) if scale.ndim == 0 else scale)
         object.__setattr__(self, "sq_norms_m", np.einsum("mc,mc->m", feats, feats))
+        inv = None
+        if self.local_scale_k is not None:
+            scale = np.asarray(self.local_scale_k, dtype=np.float32)
+            if scale.ndim != 1 or scale.shape[0] not in (feats.shape[0], self.grid**2):
+                raise ShapeError(
+                    f"local scale must be ({feats.shape[0]},) per row or ({self.grid**2},) per position, "
+                    f"got {scale.shape}",
+                    self.name,
+                )
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise ConfigError(f"bank {self.name!r}: local scales must be finite and > 0")
+            inv = (1.0 / scale).astype(np.float32)
+            object.__setattr__(self, "local_scale_k", scale)
+        object.__setattr__(self, "local_inv_k", inv)
         # A background patch's raw feature is exactly zero; its search result is fixed for this bank.
         object.__setattr__(self, "zero_query", self.known_prefix(np.zeros(feats.shape[1], np.float32)))
 
@@ -389,6 +411,51 @@ def nearest_per_patch(
     return dist_n, idx_n
 
 
+def topk_mean(dist_n: np.ndarray, fraction: float) -> float:
+    """Mean of the ceil(fraction·N) largest patch distances (at least one)."""
+    count = dist_n.shape[0]
+    k = min(count, max(1, int(np.ceil(fraction * count))))
+    return float(np.partition(dist_n, count - k)[count - k :].astype(np.float64).mean())
+
+
+def local_norm_max(dist_n: np.ndarray, idx_n: np.ndarray, bank: MemoryBank, key: str) -> float:
+    """max over patches of distance / the training normals' scale there (per nearest row or position)."""
+    inv = bank.local_inv_k
+    if inv is None:
+        raise ConfigError(f"bank {bank.name!r} has no local scales; the local_norm rule needs them")
+    expected = bank.feats_mc.shape[0] if key == "row" else dist_n.shape[0]
+    if inv.shape[0] != expected:
+        raise ConfigError(
+            f"bank {bank.name!r}: local scales are ({inv.shape[0]},), the {key!r} key needs ({expected},)"
+        )
+    per_patch = dist_n * (inv[idx_n] if key == "row" else inv)
+    return float(per_patch.max())
+
+
+def bank_image_score(
+    cfg: ScoreConfig,
+    query_nc: np.ndarray,
+    bank: MemoryBank,
+    dist_n: np.ndarray,
+    idx_n: np.ndarray,
+    map_hw: np.ndarray,
+) -> float:
+    """One bank's image score under cfg.image_rule, from its normalised queries, nearest distances and rows
+    and its blurred (S, S) map. The one place the rule is applied (station and trainer alike)."""
+    rule = cfg.image_rule
+    if rule == "max_patch":
+        return reweighted_image_score(
+            query_nc, bank.feats_mc, dist_n, idx_n, k=cfg.reweight_k, bank_sq_norms=bank.sq_norms_m
+        )
+    if rule == "max_blurred_map":
+        return float(map_hw.max())
+    if rule == "topk_mean":
+        return topk_mean(dist_n, cfg.topk_fraction)
+    if rule == "local_norm":
+        return local_norm_max(dist_n, idx_n, bank, cfg.local_key)
+    raise ConfigError(f"unknown image_rule {rule!r}")
+
+
 def score_bank(
     query_hwc: np.ndarray,
     bank: MemoryBank,
@@ -415,9 +482,7 @@ def score_bank(
         zero_rows = np.flatnonzero(~raw_nc.any(axis=1))
         known = KnownRows(zero_rows, bank.zero_query) if zero_rows.size else None
     dist_n, idx_n = nearest_per_patch(query, bank, known)
-    image_score = reweighted_image_score(
-        query, bank.feats_mc, dist_n, idx_n, k=cfg.reweight_k, bank_sq_norms=bank.sq_norms_m
-    )
     patch_dist_hw = dist_n.reshape(g, g)
     map_hw = gaussian_blur(upsample_bilinear(patch_dist_hw, cfg.output_size), cfg.blur_sigma_px)
+    image_score = bank_image_score(cfg, query, bank, dist_n, idx_n, map_hw)
     return BankScore(image_score=image_score, patch_dist_hw=patch_dist_hw, map_hw=map_hw)

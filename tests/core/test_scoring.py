@@ -170,3 +170,49 @@ def test_score_bank_normalises_with_bank_stats_and_finds_anomaly() -> None:
     query[0, 0, 0] = np.nan
     with pytest.raises(InputError):
         score_bank(query, bank, ScoreConfig())
+
+
+# A hand-made 2x2 grid of 1-d patches against rows [0], [10], [20]: distances [1, 0, 0, 3], rows [0, 0, 1, 1].
+_RULE_BANK_ROWS = np.array([[0.0], [10.0], [20.0]], np.float32)
+_RULE_QUERY_HWC = np.array([[[1.0], [0.0]], [[10.0], [13.0]]], np.float32)
+
+
+def _rule_score(rule: str, local_scale: np.ndarray | None = None, **cfg: object) -> float:
+    bank = MemoryBank("rgb", _RULE_BANK_ROWS, 2, np.zeros(1, np.float32), 1.0, local_scale_k=local_scale)
+    cfg = {"blur_sigma_px": 0.0, "output_size": 2} | cfg
+    return score_bank(_RULE_QUERY_HWC, bank, ScoreConfig(image_rule=rule, **cfg)).image_score
+
+
+def test_each_image_score_rule_on_a_hand_made_grid() -> None:
+    from core.scoring import bank_image_score
+
+    query_nc, dist_n = _RULE_QUERY_HWC.reshape(4, 1), np.array([1.0, 0.0, 0.0, 3.0], np.float32)
+    expected_max_patch = reweighted_image_score(query_nc, _RULE_BANK_ROWS, dist_n, np.array([0, 0, 1, 1]))
+    assert 1.5 < expected_max_patch < 3.0  # w·s*, w in [0.5, 1)
+    assert _rule_score("max_patch") == pytest.approx(expected_max_patch, rel=1e-6)
+    assert _rule_score("topk_mean", topk_fraction=0.5) == pytest.approx(2.0)  # mean of 3 and 1
+    assert _rule_score("topk_mean", topk_fraction=0.01) == pytest.approx(3.0)  # at least one patch
+    assert _rule_score("max_blurred_map") == pytest.approx(3.0)  # no blur, 2x2 map: the patch maximum
+    blurred = _rule_score("max_blurred_map", blur_sigma_px=1.0, output_size=8)
+    patch_map = np.array([[1.0, 0.0], [0.0, 3.0]], np.float32)
+    assert blurred == pytest.approx(gaussian_blur(upsample_bilinear(patch_map, 8), 1.0).max())
+    assert blurred < 2.99  # the blur lowers the lone peak
+    # per row: distance / scale of its nearest row -> [2, 0, 0, 0.5]; patch 0 wins, not the raw max
+    assert _rule_score("local_norm", np.array([0.5, 6.0, 1.0], np.float32)) == pytest.approx(2.0)
+    # per position: [1, 0, 0, 3] / [1, 1, 1, 0.1]
+    by_position = np.array([1.0, 1.0, 1.0, 0.1], np.float32)
+    assert _rule_score("local_norm", by_position, local_key="position") == pytest.approx(30.0, rel=1e-6)
+    bank = MemoryBank("rgb", _RULE_BANK_ROWS, 2, np.zeros(1, np.float32), 1.0)
+    with pytest.raises(ConfigError, match="'rgb' has no local scales"):
+        bank_image_score(ScoreConfig(image_rule="local_norm"), query_nc, bank, dist_n, np.zeros(4, int), None)
+
+
+def test_local_scales_are_checked_against_their_key() -> None:
+    with pytest.raises(ShapeError, match=r"per row or \(4,\) per position, got \(5,\)"):
+        MemoryBank("rgb", _RULE_BANK_ROWS, 2, np.zeros(1, np.float32), 1.0, local_scale_k=np.ones(5))
+    with pytest.raises(ConfigError, match="local scales must be finite and > 0"):
+        MemoryBank("rgb", _RULE_BANK_ROWS, 2, np.zeros(1, np.float32), 1.0, local_scale_k=np.zeros(3))
+    with pytest.raises(ConfigError, match=r"local scales are \(3,\), the 'position' key needs \(4,\)"):
+        _rule_score("local_norm", np.ones(3, np.float32), local_key="position")
+    with pytest.raises(ConfigError, match="image_rule must be one of"):
+        ScoreConfig(image_rule="median")
