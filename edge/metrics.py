@@ -9,6 +9,10 @@ stations in one process. Series (all prefixed `m3dm_station_`):
   queue_depth{queue}                  items waiting between stages
   dropped_total{where}                frames dropped by backpressure ("capture") or sinks ("sink:NAME")
   outbox_depth                        results stored but not yet acked (from the uplink, when there is one)
+  outbox_dropped_total{decision}      results the full outbox dropped (policy OK < ERROR < NOK), by decision;
+                                      all-time, from the outbox file (they survive restarts)
+  outbox_dropped_disk_full_total      of those, dropped for lack of disk space
+  outbox_dead_letters_total           results the collector refused as malformed (kept aside, never resent)
   model                               info: bundle id/version, class, preset, backend, variant
 """
 
@@ -17,12 +21,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
-__all__ = ["STAGES", "LatencyWindow", "StationMetrics"]
+__all__ = ["STAGES", "LatencyWindow", "OutboxDropCollector", "StationMetrics"]
 
 STAGES = ("capture", "preprocess", "features", "score", "decide")
 _BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
@@ -52,6 +57,48 @@ class LatencyWindow:
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+class OutboxDropCollector:
+    """The outbox's drop counters as Prometheus counters, read at each scrape.
+
+    The outbox keeps them in its file (they survive restarts), so they are exported from there rather
+    than mirrored into prometheus-client Counters that would restart at 0 while the file says otherwise.
+    `counts` returns `edge.outbox.Outbox.drop_counts()`: dropped_ok / dropped_error / dropped_nok (every
+    policy drop, whatever made the outbox full), dropped_disk_full (of those, for lack of disk space) and
+    dead_letters.
+    """
+
+    DECISIONS = ("OK", "NOK", "ERROR")
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def _families(self, counts: Mapping[str, int]) -> list[CounterMetricFamily]:
+        by_decision = CounterMetricFamily(
+            "m3dm_station_outbox_dropped",
+            "Results dropped by the full outbox (policy OK < ERROR < NOK), by decision",
+            labels=["decision"],
+        )
+        for decision in self.DECISIONS:
+            by_decision.add_metric([decision], counts.get(f"dropped_{decision.lower()}", 0))
+        disk_full = CounterMetricFamily(
+            "m3dm_station_outbox_dropped_disk_full",
+            "Of the outbox drops, those for lack of disk space",
+            value=counts.get("dropped_disk_full", 0),
+        )
+        dead = CounterMetricFamily(
+            "m3dm_station_outbox_dead_letters",
+            "Results the collector refused as malformed (kept aside, never resent)",
+            value=counts.get("dead_letters", 0),
+        )
+        return [by_decision, disk_full, dead]
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return self._families({})  # names only: registering must not read the outbox
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return self._families(self._counts())
 
 
 class StationMetrics:
@@ -100,8 +147,13 @@ class StationMetrics:
     def watch_queue(self, name: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(queue=name).set_function(depth)
 
-    def watch_outbox(self, depth: Callable[[], int]) -> None:
+    def watch_outbox(
+        self, depth: Callable[[], int], drop_counts: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
+        """Export the outbox's depth and, given `drop_counts` (`Outbox.drop_counts`), its drop counters."""
         self.outbox_depth.set_function(depth)
+        if drop_counts is not None:
+            self.registry.register(OutboxDropCollector(drop_counts))
 
     def drop(self, where: str, n: int = 1) -> None:
         self.dropped.labels(where=where).inc(n)

@@ -605,6 +605,12 @@ class Outbox:
             self._check_open()
             return self._db.execute("SELECT count(*) FROM events").fetchone()[0]
 
+    def drop_counts(self) -> dict[str, int]:
+        """The all-time drop counters (`OutboxStats.dropped`) without touching the database: /metrics reads
+        them on every scrape, also after `close` (the last values stay)."""
+        with self._lock:
+            return dict(self._counters)
+
     def stats(self) -> OutboxStats:
         with self._lock:
             dropped = dict(self._counters)

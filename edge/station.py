@@ -193,7 +193,7 @@ class Station:
         slot.add_listener(station._on_slot_change)
         station._on_slot_change(None, slot.current())
         if uplink is not None:
-            metrics.watch_outbox(results.depth)
+            metrics.watch_outbox(results.depth, uplink.outbox.drop_counts)
             uplink.event(
                 "bundle_loaded", {"bundle_version": model.manifest.version, "backend": model.backend}
             )
