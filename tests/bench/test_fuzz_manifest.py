@@ -40,6 +40,6 @@ def test_the_tally_catches_an_escaping_exception(monkeypatch) -> None:
         raise KeyError("a parser bug")
 
     monkeypatch.setattr(module, "manifest_from_json", broken)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="a parser bug"):
         tally.check("json", b"{}")
     assert len(tally.escaped) == 1 and "KeyError" in tally.escaped[0]

@@ -147,7 +147,7 @@ def test_http_api_and_query_cli(served: dict) -> None:
     assert "m3dm_collector_stations_online" in _metrics(served)
     # no --bundles: no reference, so no stream can be in alarm (states appear once upkeep evaluated them)
     assert all(d["state"] == "unknown" for d in _get_json(served, "/api/drift"))
-    with pytest.raises(urllib.error.HTTPError) as err:
+    with pytest.raises(urllib.error.HTTPError, match="HTTP Error 400") as err:
         _get(served, "/api/results?limit=zero")
     err.value.close()
     assert err.value.code == 400

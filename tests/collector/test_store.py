@@ -67,7 +67,10 @@ def test_a_failed_transaction_stores_and_acks_nothing(store: Store, record) -> N
     store.insert_batch([record(1)])
     bad = record(2)
     bad.row["decision"] = None  # NOT NULL: the whole batch must roll back
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(
+        sa.exc.IntegrityError,
+        match='NOT NULL constraint failed: inspections.decision|null value in column "decision"',
+    ):
         store.insert_batch([record(3), bad])
     assert store.identities() == [("st1", 1, 1)]
     assert store.acked_upto("st1", 1) == 1

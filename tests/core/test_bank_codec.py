@@ -130,11 +130,11 @@ def test_load_rejects_wrong_shape_garbage_and_pickles(tmp_path, bank_mc) -> None
 
 def test_nearest_rejects_bad_queries(bank_mc: np.ndarray) -> None:
     encoded = encode_bank(bank_mc, "fp16")
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"queries must be \(N, 48\), got \(4, 47\)"):
         nearest(encoded, np.zeros((4, 47), np.float32))
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match="queries hold NaN or inf"):
         nearest(encoded, np.full((4, 48), np.nan, np.float32))
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"k must lie in \[1, 1024\], got 0"):
         nearest(encoded, np.zeros((4, 48), np.float32), k=0)
 
 

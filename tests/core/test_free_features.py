@@ -155,8 +155,8 @@ def test_rgb_background_dominance_and_bad_shapes():
     feats = ff.rgb_descriptor(scan)
     assert np.all(feats[0, 0] == 0.0)  # a window with no valid pixel is the background value
     bad = PreparedScan(scan.rgb_chw, scan.rgb_hwc_u8[:100], scan.xyz_hwc_m, scan.valid_hw)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"rgb must be \(224,224,3\) uint8"):
         ff.rgb_descriptor(bad)
     bad = PreparedScan(scan.rgb_chw, scan.rgb_hwc_u8, scan.xyz_hwc_m[:, :100], scan.valid_hw)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"xyz must be \(224,224,3\)"):
         ff.point_descriptor(bad)

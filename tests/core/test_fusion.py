@@ -15,9 +15,9 @@ def test_linear_ocsvm_scores_are_the_raw_dot_product() -> None:
     np.testing.assert_allclose(svm.score_samples(x), [1.5, -3.0])
     np.testing.assert_allclose(svm.decision_function(x), [0.0, -4.5])
     assert svm.n_features == 3
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"expected \(N, 3\) inputs, got \(2, 2\)"):
         svm.score_samples(np.ones((2, 2)))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="one-class SVM coefficients must be finite"):
         LinearOneClassSVM(coef_f=np.array([np.nan]), offset=0.0)
 
 
@@ -43,9 +43,9 @@ def test_normaliser_maps_each_bank_to_shifted_z_scores() -> None:
 
 
 def test_normaliser_rejects_bad_statistics_and_shapes() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="normaliser statistics must be finite with positive std"):
         ScoreNormaliser(np.zeros(3), np.array([1.0, 0.0, 1.0]), np.zeros(3), np.ones(3))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"normaliser statistics must all be \(B,\)"):
         ScoreNormaliser(np.zeros(3), np.ones(2), np.zeros(3), np.ones(3))
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"expected 3 banks, got scores \(2,\)"):
         _normaliser().apply(np.zeros(2), np.zeros((2, 4, 4)))

@@ -80,5 +80,5 @@ def test_group_points_small_cloud_fills_groups() -> None:
     "bad", [np.zeros((0, 3)), np.zeros((5, 2)), np.array([[0.0, np.nan, 1.0]])], ids=["empty", "2d", "nan"]
 )
 def test_bad_clouds_raise_shape_error(bad: np.ndarray) -> None:
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match="points must be a non-empty|points contain NaN or inf"):
         group_points(bad, num_groups=4, group_size=2)

@@ -96,7 +96,7 @@ def test_uff_runner_gets_named_inputs_and_its_output_is_used() -> None:
     fused = _scorer(uff=uff).fused_features(frame)
     assert uff.seen == {"point_feats": (1, 3136, C_POINT), "rgb_feats": (1, 3136, C_RGB)}
     np.testing.assert_allclose(fused, 2.0 * _scorer().fused_features(frame))
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"uff runner returned \(1, 100, 9\), expected \(1, 3136, 9\)"):
         _scorer(uff=_FakeUFF(out_rows=100)).fused_features(frame)
 
 
@@ -141,12 +141,12 @@ def test_prepare_dlf_inputs_skips_lambda_when_normalised() -> None:
 
 def test_scorer_rejects_missing_parts() -> None:
     banks = _dummy_banks() | {"rgb": _bank("rgb", np.zeros((3, C_RGB), np.float32), 28)}
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="missing banks / DLF models: rgb$"):
         FrameScorer(_dummy_banks(), _dlf(), None, None, ScoreConfig())
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="missing banks / DLF models: rgb\\+point\\+fusion"):
         FrameScorer(banks, {"rgb+point": _dlf()["rgb+point"]}, None, None, ScoreConfig())
     wrong = _dlf() | {"rgb+point": _dlf()["rgb+point+fusion"]}
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="DLF for 'rgb\\+point' must take 2 features"):
         FrameScorer(banks, wrong, None, None, ScoreConfig())
 
 

@@ -138,9 +138,9 @@ def test_class_meta(tree: Path):
 
 
 def test_bad_split_and_class(tree: Path):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown split 'val'"):
         list_samples(tree, "alpha", "val")
-    with pytest.raises(MissingFileError):
+    with pytest.raises(MissingFileError, match="no class folder 'gamma'"):
         list_samples(tree, "gamma", "train")
 
 
@@ -174,7 +174,7 @@ def test_read_xyz_truncated_and_not_tiff(tmp_path: Path):
     fake.write_bytes(b"this is not a TIFF file at all" * 10)
     with pytest.raises(CorruptFileError, match="fake.tiff"):
         read_xyz(fake)
-    with pytest.raises(MissingFileError):
+    with pytest.raises(MissingFileError, match="absent.tiff: file not found"):
         read_xyz(tmp_path / "absent.tiff")
 
 
@@ -250,7 +250,7 @@ def test_read_rgb_broken_files(tmp_path: Path):
     for name in ("cut.png", "text.png"):
         with pytest.raises(CorruptFileError, match=name):
             read_rgb(tmp_path / name)
-    with pytest.raises(MissingFileError):
+    with pytest.raises(MissingFileError, match="absent.png: file not found"):
         read_rgb(tmp_path / "absent.png")
 
 
@@ -273,7 +273,7 @@ def test_read_gt_modes(tmp_path: Path):
 def test_load_scan_size_mismatch_names_both_files(tree: Path):
     ref = list_samples(tree, "alpha", "train")[0]
     write_xyz(ref.xyz_path, cloud(h=H + 2))
-    with pytest.raises(ShapeError) as info:
+    with pytest.raises(ShapeError, match=r"size \(32, 40\) differs from rgb") as info:
         load_scan(ref)
     assert str(ref.xyz_path) in str(info.value) and str(ref.rgb_path) in str(info.value)
 
@@ -283,7 +283,7 @@ def test_iter_scans_batches_and_skips_bad_files(tree: Path):
     assert [len(b) for b in iter_scans(refs, batch_size=2)] == [2, 2, 1]
     refs[1].xyz_path.write_bytes(b"garbage")
     write_xyz(refs[3].xyz_path, np.zeros((H, W, 3), np.float32))
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(CorruptFileError, match="001.tiff: unreadable TIFF"):
         list(iter_scans(refs))
     errors: list[tuple[str, InputError]] = []
     batches = list(iter_scans(refs, batch_size=2, on_error=lambda r, e: errors.append((r.sample_id, e))))
@@ -295,5 +295,5 @@ def test_iter_scans_batches_and_skips_bad_files(tree: Path):
         ("alpha/test/good/001", CorruptFileError),
         ("alpha/test/crack/001", InvalidCloudError),
     ]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
         next(iter_scans(refs, batch_size=0))

@@ -84,5 +84,5 @@ def test_bad_pixel_indices_raise() -> None:
         project_to_grid(feats, np.array([1, 1, 2]))
     with pytest.raises(ShapeError, match="lie in"):
         project_to_grid(feats, np.array([1, 2, SIZE * SIZE]))
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"point_feats_nc must be \(2, C\), got \(3, 2\)"):
         project_to_grid(feats, np.array([1, 2]))

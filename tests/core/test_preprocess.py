@@ -157,7 +157,7 @@ def test_prepare_scan_accepts_scans_already_plane_removed_offline():
     box = (np.abs(u - 200) < 400 / 6) & (np.abs(v - 150) < 300 / 6)  # the object of scene()
     object_only = np.where(box[..., None], raw.xyz_hwc_m, 0).astype(np.float32)
     offline = RawScan(raw.rgb_hwc_u8, object_only, raw.gt_ids_hw, source="offline")
-    with pytest.raises(EmptyCloudError):
+    with pytest.raises(EmptyCloudError, match="only 0 valid points in the 10-px border strips"):
         fit_border_plane(object_only, PreprocessConfig())  # no border points: the original crashes here
     again = prepare_scan(offline, PreprocessConfig())
     # The same object survives: online plane removal only ever removed plane points around it.
@@ -200,7 +200,7 @@ def test_prepare_scan_rejects_bad_shapes(rgb, xyz, gt):
 
 def test_prepare_scan_rejects_all_zero_cloud():
     raw = scene(100, 100)
-    with pytest.raises(InvalidCloudError):
+    with pytest.raises(InvalidCloudError, match="point cloud has no valid"):
         prepare_scan(RawScan(raw.rgb_hwc_u8, np.zeros_like(raw.xyz_hwc_m), None, "z"), PreprocessConfig())
 
 

@@ -60,7 +60,7 @@ def test_other_key_and_rollback_floor(fleet_bundle: dict, tmp_path: Path) -> Non
     from trainer.bundle import keygen
 
     keygen(tmp_path / "other")
-    with pytest.raises(SignatureError):
+    with pytest.raises(SignatureError, match="signature does not match"):
         verify_tar(fleet_bundle["tar"], tmp_path / "other" / "bundle_signing.pub")
-    with pytest.raises(RollbackError):
+    with pytest.raises(RollbackError, match="anti_rollback_counter 1 < station minimum 99"):
         verify_tar(fleet_bundle["tar"], fleet_bundle["keys"] / "bundle_signing.pub", min_counter=99)

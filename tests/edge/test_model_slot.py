@@ -47,7 +47,7 @@ def test_variant_without_threshold_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="threshold for 'rgb\\+point\\+fusion', not 'rgb'"):
         ModelSlot(fake_model("1", 0.5), Policy(variant="rgb"))
     slot = ModelSlot(fake_model("1", 0.5))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="has a threshold for 'point', not 'rgb\\+point\\+fusion'"):
         slot.swap(fake_model("2", 0.5, variant="point"))
     assert slot.current().model.manifest.version == "1"
     # a runtime threshold makes any variant usable
@@ -62,7 +62,7 @@ def test_shadow_and_listeners() -> None:
     shadow = fake_model("2", 0.6)
     slot.set_shadow(shadow, sample_every_n=5)
     assert slot.current().shadow is shadow and slot.current().shadow_every_n == 5
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="sample_every_n must be >= 1"):
         slot.set_shadow(shadow, sample_every_n=0)
     slot.set_shadow(None)
     assert slot.current().shadow is None and seen == [(None, 5), (shadow, 0)]

@@ -237,7 +237,7 @@ def test_one_process_per_outbox_and_one_station_per_file(tmp_path: Path) -> None
             [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30
         )
         assert done.returncode != 0 and "OutboxBusyError" in done.stderr
-        with pytest.raises(OutboxBusyError):
+        with pytest.raises(OutboxBusyError, match="in use by another process"):
             Outbox(path, "st")
     with pytest.raises(ValueError, match="another station"):
         Outbox(path, "other-station")

@@ -117,5 +117,5 @@ def test_fingerprint_is_stable_and_short(tmp_path: Path) -> None:
     public, _ = generate_keypair(tmp_path, "x")
     key = load_public_key(public)
     assert fingerprint(key) == fingerprint(load_public_key(tmp_path)) and len(fingerprint(key)) == 16
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="refusing to overwrite a secret key"):
         generate_keypair(tmp_path, "x")  # never overwrite a secret key

@@ -119,7 +119,7 @@ def test_draft_artifact_refs_allowed_but_unsealed_manifest_refused() -> None:
     draft = sealed_manifest(networks={"uff": ArtifactRef("onnx/uff.onnx")}, files={})
     with pytest.raises(SchemaError, match="no files"):
         draft.check_sealed()
-    with pytest.raises(SchemaError):
+    with pytest.raises(SchemaError, match="manifest lists no files"):
         BundleManifest.from_dict(msgspec.structs.replace(draft).to_dict())
 
 
@@ -127,7 +127,7 @@ def test_draft_artifact_refs_allowed_but_unsealed_manifest_refused() -> None:
     "bad", ["", "/abs", "a/../b", "./a", "a//b", "a\\b", "a\x00b", "manifest.json", "manifest.sig"]
 )
 def test_check_relpath_rejects_unsafe_paths(bad: str) -> None:
-    with pytest.raises(SchemaError):
+    with pytest.raises(SchemaError, match="bundle path must be relative, normalised"):
         check_relpath(bad)
 
 

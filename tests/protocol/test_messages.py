@@ -40,7 +40,9 @@ def _raw(doc: dict) -> list[bytes]:
 
 def test_unknown_version_is_refused_with_a_reason() -> None:
     doc = msgspec.to_builtins(Ack(epoch=1, upto_seq=1)) | {"v": PROTOCOL_VERSION + 1, "type": "ack"}
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(
+        ProtocolError, match="unsupported_version: schema version 2; this end speaks 1"
+    ) as err:
         decode(_raw(doc), Ack)
     assert err.value.code == "unsupported_version" and str(PROTOCOL_VERSION + 1) in err.value.reason
 
@@ -57,14 +59,14 @@ def test_unknown_version_is_refused_with_a_reason() -> None:
     ids=["unknown-type", "unknown-field", "wrong-type", "missing-field", "incomplete"],
 )
 def test_bad_headers_are_refused_as_bad_message(doc: dict) -> None:
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ProtocolError, match="^bad_message: ") as err:
         decode(_raw(doc), ALL_MESSAGES)
     assert err.value.code == "bad_message"
 
 
 def test_a_type_this_endpoint_does_not_accept_is_refused() -> None:
     frames = encode(Heartbeat(sender="s", epoch=1, ts=1.0))
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ProtocolError, match="bad_message: heartbeat: Invalid value 'heartbeat'") as err:
         decode(frames, Ack)  # a station takes acks, not heartbeats-as-results
     assert err.value.code == "bad_message"
 
@@ -72,5 +74,5 @@ def test_a_type_this_endpoint_does_not_accept_is_refused() -> None:
 def test_decision_outside_ok_nok_error_is_refused() -> None:
     message, blobs = samples()[1]
     doc = msgspec.to_builtins(message) | {"decision": "MAYBE"}
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolError, match="bad_message: result: Invalid enum value 'MAYBE'"):
         decode(_raw(doc), InspectionResult)
