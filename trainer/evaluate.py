@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from core.config import SITE_BACKBONE
 from core.features import FeatureRunners
 from core.model import VARIANTS, FrameScorer
 from edge.model_store import ModelInfo, load_model_info
@@ -177,10 +178,12 @@ def evaluate_models(
     runners_by_preset: dict[str, FeatureRunners] = {}  # backbones load once, not once per class
     for class_dir in class_dirs(model):
         info = load_model_info(class_dir)
-        if info.preset.name not in runners_by_preset:
+        # m3dm-site's rgb encoder is the class's own: its runners are per class folder
+        key = str(class_dir) if info.preset.rgb_backbone == SITE_BACKBONE else info.preset.name
+        if key not in runners_by_preset:
             weights = WeightPaths(weights_dir=weights_dir)
-            runners_by_preset[info.preset.name] = build_feature_runners(info.preset, weights)
-        runners = runners_by_preset[info.preset.name]
+            runners_by_preset[key] = build_feature_runners(info.preset, weights, class_dir)
+        runners = runners_by_preset[key]
         # The one loader a station uses too (draft manifest instead of a signed one), with torch runners.
         model_view = open_model_folder(
             class_dir, runners, uff_runner(load_uff(class_dir / "uff.safetensors"))
