@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.config import CoresetConfig, FitConfig, PreprocessConfig, UFFConfig, get_preset
+from core.config import SITE_BACKBONE, CoresetConfig, FitConfig, PreprocessConfig, UFFConfig, get_preset
 from core.errors import ConfigError, M3DMError
 from core.mvtec3d import discover_classes
 
@@ -42,8 +42,12 @@ def train_classes(
     coreset: CoresetConfig | None = None,
     false_reject_rate: float = 0.01,
     point_bn: str | None = None,
+    site: Any = None,
 ) -> dict[str, Any]:
     """Fit each class into `out/<class>/`; check weights and options before reading any data.
+
+    site: trainer.site.train.SiteConfig for m3dm-site (default: its defaults with this seed); that preset
+    first trains its rgb encoder on each class's training normals into the class folder.
 
     point_bn overrides the preset's Point-MAE BatchNorm mode ("batch" | "stored"); the mode is recorded with
     the preset in model.json and baked into the exported ONNX graph.
@@ -82,11 +86,25 @@ def train_classes(
         false_reject_rate=false_reject_rate,
         seed=seed,
     )
-    runners = build_feature_runners(preset, weights)
+    per_class = preset.rgb_backbone == SITE_BACKBONE
+    runners = None if per_class else build_feature_runners(preset, weights)
     summaries = []
     t0 = time.perf_counter()
     for class_name in classes:
-        summaries.append(fit_class(data_root, class_name, cfg, runners, out / class_name))
+        class_runners, site_s = runners, None
+        if per_class:
+            from trainer.site.train import SiteConfig, train_site_for_class
+
+            t_site = time.perf_counter()
+            site_cfg = site if site is not None else SiteConfig(seed=seed)
+            train_site_for_class(
+                data_root, class_name, cfg.preprocess, site_cfg, out / class_name, preset.rgb_dim
+            )
+            site_s = time.perf_counter() - t_site
+            class_runners = build_feature_runners(preset, weights, out / class_name)
+        summaries.append(fit_class(data_root, class_name, cfg, class_runners, out / class_name))
+        if site_s is not None:
+            summaries[-1]["site_train_s"] = site_s
     summary = {"preset": preset.name, "classes": summaries, "seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -160,7 +178,8 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
     jobs.append(("uff", UFFExport(load_uff(class_dir / "uff.safetensors")), uff_inputs, ["fused"]))
     real = _real_network_inputs(info)
     if preset.rgb_backbone != "free":
-        jobs.append(("rgb", rgb_module_for_export(preset, weights), {"image": real["image"]}, ["tokens"]))
+        rgb_module = rgb_module_for_export(preset, weights, class_dir)
+        jobs.append(("rgb", rgb_module, {"image": real["image"]}, ["tokens"]))
     if preset.point_backbone != "free":
         point_inputs = {"neighborhood": real["neighborhood"], "centers": real["centers"]}
         jobs.append(("point", point_module_for_export(preset, weights), point_inputs, ["group_features"]))
