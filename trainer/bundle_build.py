@@ -159,7 +159,7 @@ def cross_check_golden(
     from trainer.train_uff import load_uff
 
     info = info_from_manifest(staging, manifest)
-    runners = build_feature_runners(info.preset, WeightPaths(weights_dir=weights_dir))
+    runners = build_feature_runners(info.preset, WeightPaths(weights_dir=weights_dir), Path(model_dir))
     uff = uff_runner(load_uff(Path(model_dir) / "uff.safetensors"))
     scorer = scorer_from_manifest(staging, manifest, uff, info.score)
     trainer_model = StationModel(staging, manifest, info, runners, scorer, "torch")
