@@ -65,12 +65,29 @@ def emit_json(payload: object) -> None:
 @cli_errors
 def synth(
     out: Annotated[Path, typer.Option(help="Output data-set root (MVTec 3D-AD layout).")],
+    family: Annotated[
+        str,
+        typer.Option(
+            help="a: our generator (training and demo); b: an independent one for evaluation only "
+            "(other objects, sensor and file quirks; also writes <out>/validation_defects/)."
+        ),
+    ] = "a",
     seed: Annotated[int, typer.Option(help="Everything is derived from this seed.")] = 0,
     n_train: Annotated[int, typer.Option(help="Normal training scans per class.")] = 40,
-    n_validation: Annotated[int, typer.Option(help="Normal validation scans per class.")] = 8,
+    n_validation: Annotated[
+        int | None, typer.Option(help="Normal validation scans per class (default 8; family b 20).")
+    ] = None,
     n_test_good: Annotated[int, typer.Option(help="Normal test scans per class.")] = 10,
     n_test_per_defect: Annotated[int, typer.Option(help="Defective test scans per defect type.")] = 5,
-    size: Annotated[int, typer.Option(help="Image width and height in pixels (224-800).")] = 400,
+    size: Annotated[
+        int,
+        typer.Option(
+            help="Image width and height in pixels (224-800); family b: largest frame's longer side."
+        ),
+    ] = 400,
+    val_defects: Annotated[
+        int, typer.Option(help="Family b: validation-defect scans per defect type (model selection only).")
+    ] = 3,
     classes: Annotated[
         list[str] | None, typer.Option("--class", help="Only these classes (repeatable).")
     ] = None,
@@ -89,6 +106,21 @@ def synth(
     """Generate a deterministic, realistic structured-light data set (our stand-in sensor)."""
     from trainer.synth import CLASS_NAMES, SynthConfig, synthesize, write_preview
 
+    if family not in ("a", "b"):
+        typer.echo(f"error: --family must be a or b, got {family!r}", err=True)
+        raise typer.Exit(2)
+    if family == "b":
+        counts = (n_train, n_validation, n_test_good, n_test_per_defect, val_defects)
+        summary = _synth_family_b(out, seed, counts, size, classes, workers, overwrite)
+        if preview:
+            summary["preview"] = str(write_preview(out, out / "preview.png"))
+        if as_json:
+            emit_json(summary)
+        else:
+            where = summary["validation_defects"]
+            typer.echo(f"wrote {out} (family b) in {summary['seconds']:.1f} s; validation defects: {where}")
+        return
+    n_validation = 8 if n_validation is None else n_validation
     if corrupt:
         _synth_corrupt(out, (classes or [CLASS_NAMES[0]])[0], seed, size, n_test_good, overwrite, as_json)
         return
@@ -113,6 +145,35 @@ def synth(
         emit_json(summary)
     else:
         typer.echo(f"wrote {out} in {summary.get('seconds', 0):.1f} s")
+
+
+def _synth_family_b(
+    out: Path,
+    seed: int,
+    counts: tuple[int, int | None, int, int, int],
+    size: int,
+    classes: list[str] | None,
+    workers: int,
+    overwrite: bool,
+) -> dict:
+    """counts: train, validation (None: 20), test good, test per defect, validation defects per defect."""
+    from trainer.progress import progress_callback
+    from trainer.synth_b import CLASS_NAMES, SynthBConfig, synthesize_b
+
+    n_train, n_validation, n_test_good, n_test_per_defect, val_defects = counts
+    cfg = SynthBConfig(
+        seed=seed,
+        classes=tuple(classes) if classes else CLASS_NAMES,
+        n_train=n_train,
+        n_validation=20 if n_validation is None else n_validation,
+        n_test_good=n_test_good,
+        n_test_per_defect=n_test_per_defect,
+        n_valdef_per_defect=val_defects,
+        size_px=size,
+        workers=workers,
+    )
+    with progress_callback("generating family-b scans") as progress:
+        return synthesize_b(out, cfg, progress=progress, overwrite=overwrite)
 
 
 def _synth_corrupt(
@@ -147,7 +208,19 @@ def data_info(
     if as_json:
         emit_json(summary)
     else:
-        typer.echo(format_summary(summary))
+        typer.echo(format_summary(summary, {name: _data_kind(root, name) for name in summary}))
+
+
+def _data_kind(root: Path, class_name: str) -> str:
+    """What `m3dm train` will make of a class: full M3DM, the RGB bank alone, or a refusal."""
+    from core.mvtec3d import xyz_coverage
+
+    with_xyz, total = xyz_coverage(root, class_name)
+    if with_xyz == total:
+        return "rgb+xyz"
+    if with_xyz == 0:
+        return "RGB-only (no xyz/: rgb bank only)"
+    return f"MIXED: {total - with_xyz} of {total} lack xyz (train refuses it)"
 
 
 @app.command()
@@ -180,6 +253,9 @@ def train(
         str | None,
         typer.Option(help="Point-MAE BatchNorm: batch (per-cloud, the original's) or stored statistics."),
     ] = None,
+    coreset_device: Annotated[
+        str, typer.Option(help="Torch device of the greedy coreset selection: cpu or cuda[:N].")
+    ] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Fit memory banks, UFF and DLF for each class; write a model folder per class."""
@@ -208,6 +284,7 @@ def train(
         coreset=coreset,
         false_reject_rate=false_reject_rate,
         point_bn=point_bn,
+        coreset_device=coreset_device,
     )
     if as_json:
         emit_json(summary)
