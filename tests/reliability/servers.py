@@ -68,12 +68,16 @@ def collector(workdir: Path, curve_dir: Path, allow_dir: Path) -> Server:
     return Server(cmd, workdir / "collector.log")
 
 
-def registry(workdir: Path, curve_dir: Path, allow_dir: Path, signing_public: Path) -> Server:
-    """`m3dm deploy serve` on an OS-chosen loopback port, SQLite at workdir/r.db."""
+def registry(workdir: Path, curve_dir: Path, allow_dir: Path, signing_public: Path, *extra: str) -> Server:
+    """`m3dm deploy serve` on an OS-chosen loopback port, SQLite at workdir/r.db; `extra` flags appended."""
     cmd = [*M3DM, "deploy", "serve", "--store", str(workdir / "store"), "--bind", "tcp://127.0.0.1:0"]
-    cmd += ["--db", f"sqlite:///{workdir / 'r.db'}", "--curve-dir", str(curve_dir)]
-    cmd += ["--allow", str(allow_dir), "--signing-key", str(signing_public)]
+    cmd += ["--db", registry_db_url(workdir), "--curve-dir", str(curve_dir)]
+    cmd += ["--allow", str(allow_dir), "--signing-key", str(signing_public), *extra]
     return Server(cmd, workdir / "registry.log")
+
+
+def registry_db_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'r.db'}"
 
 
 def db_url(workdir: Path) -> str:
