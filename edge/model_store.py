@@ -113,6 +113,7 @@ def _bank_specs(raw: dict[str, Any]) -> dict[str, BankSpec]:
             index_kind=index.get("kind"),
             index_params=index.get("params"),
             index_recall=index.get("recall_at_1"),
+            local_scale_path=entry.get("local_scale_file"),
         )
     return specs
 
@@ -128,7 +129,17 @@ def _scoring_spec(raw: dict[str, Any]) -> ScoringSpec:
         for v, d in raw["dlf"].items()
     }
     s = raw["score"]
-    return ScoringSpec(s["rgb_lambda"], s["blur_sigma_px"], s["reweight_k"], s["output_size"], stats, dlf)
+    return ScoringSpec(
+        s["rgb_lambda"],
+        s["blur_sigma_px"],
+        s["reweight_k"],
+        s["output_size"],
+        stats,
+        dlf,
+        image_score_rule=s.get("image_rule", "max_patch"),  # model folders from before the rule: max_patch
+        image_topk_fraction=s.get("topk_fraction", 0.01),
+        local_norm_key=s.get("local_key", "row"),
+    )
 
 
 def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, host: str) -> BundleManifest:

@@ -108,6 +108,9 @@ def info_from_manifest(root: Path, manifest: BundleManifest, raw: dict[str, Any]
         blur_sigma_px=spec.blur_sigma_px,
         output_size=spec.output_size,
         rgb_lambda=spec.rgb_lambda,
+        image_rule=spec.image_score_rule,
+        topk_fraction=spec.image_topk_fraction,
+        local_key=spec.local_norm_key,
     )
     thr = manifest.thresholds
     thresholds = {thr.variant: thr.image_threshold}
@@ -151,6 +154,8 @@ def memory_banks_from_manifest(root: Path, manifest: BundleManifest) -> dict[str
             feat_mean_c=stats_2c[0],
             feat_scale=stats_2c[1] * np.float32(spec.feat_std),
             index=index,
+            # local_norm's scales: read once here; the bank takes their inverse once (core.scoring)
+            local_scale_k=None if spec.local_scale_path is None else load_array(root / spec.local_scale_path),
         )
     return banks
 

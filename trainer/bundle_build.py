@@ -73,6 +73,10 @@ def stage_banks(info: ModelInfo, encodings: dict[str, str], staging: Path) -> di
         if source is not None and source.index_path is not None:  # the trainer's ANN index, as chosen
             index_rel = f"banks/{name}.faiss"
             shutil.copyfile(info.root / source.index_path, staging / index_rel)
+        local_rel = None
+        if bank.local_scale_k is not None:  # local_norm's scales, per row: the encoded rows keep their order
+            local_rel = f"banks/{name}_local_scale.npy"
+            np.save(staging / local_rel, bank.local_scale_k, allow_pickle=False)
         specs[name] = BankSpec(
             path=rel,
             encoding=enc,
@@ -87,6 +91,7 @@ def stage_banks(info: ModelInfo, encodings: dict[str, str], staging: Path) -> di
             index_kind=source.index_kind if index_rel else None,
             index_params=source.index_params if index_rel else None,
             index_recall=source.index_recall if index_rel else None,
+            local_scale_path=local_rel,
         )
     return specs
 

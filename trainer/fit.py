@@ -24,6 +24,7 @@ from trainer.ann import AnnConfig, attach_indexes, held_out_queries, index_entry
 from trainer.coreset import build_memory_bank
 from trainer.dataset_features import SplitFeatures, extract_split
 from trainer.dlf import fit_dlf, fit_score_normaliser
+from trainer.local_scale import attach_local_scales
 from trainer.model_io import bank_to_files, normaliser_to_dict, svm_to_dict, write_model_json
 from trainer.models.uff import UFFExport
 from trainer.progress import track
@@ -143,6 +144,9 @@ def fit_class(
     fusion_scorer = provisional_scorer({**banks, "fusion": banks["point"]}, uff, cfg)
     fused_nhwc = np.stack([fusion_scorer.fused_features(f) for f in train.features])
     banks["fusion"] = bank_from_grids("fusion", fused_nhwc, cfg.coreset.fusion_fraction, cfg)
+    if cfg.score.image_rule == "local_norm":  # its scales, from leave-one-image-out training distances
+        grids = {"rgb": rgb_nhwc, "point": point_nhwc, "fusion": fused_nhwc}
+        banks = attach_local_scales(banks, grids, cfg.score.local_key)
     del fused_nhwc
     timings["fusion_bank_s"] = time.perf_counter() - t0
 

@@ -36,6 +36,9 @@ def bank_to_files(bank: MemoryBank, model_dir: Path) -> dict[str, Any]:
     if scale.ndim:
         scale_entry = {"feat_scale": None, "scale_file": f"banks/{bank.name}_scale.npy"}
         np.save(model_dir / scale_entry["scale_file"], scale, allow_pickle=False)
+    if bank.local_scale_k is not None:  # the local_norm image-score rule's per-row / per-position scales
+        scale_entry["local_scale_file"] = f"banks/{bank.name}_local_scale.npy"
+        np.save(model_dir / scale_entry["local_scale_file"], bank.local_scale_k, allow_pickle=False)
     return {
         "file": feats_rel,
         "mean_file": mean_rel,

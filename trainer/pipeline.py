@@ -54,6 +54,7 @@ def train_classes(
     """
     from dataclasses import replace
 
+    from core.config import score_config_for
     from trainer.backbones import WeightPaths, build_feature_runners, check_weights_available
     from trainer.fit import fit_class
 
@@ -83,6 +84,7 @@ def train_classes(
         ),
         coreset=coreset if coreset is not None else CoresetConfig(seed=seed),
         uff=uff,
+        score=score_config_for(preset),  # the preset's image-score rule
         false_reject_rate=false_reject_rate,
         seed=seed,
     )
