@@ -28,7 +28,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 @app.command("run")
 def run(  # noqa: PLR0913 - one flag per setting, as documented in the issue
     bundle: Annotated[Path | None, typer.Option(help="Signed bundle folder or .tar.")] = None,
-    key: Annotated[Path | None, typer.Option(help="Bundle signing public key (file or folder).")] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="Bundle signing public key (file or folder); required.")
+    ] = None,
+    insecure_no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-verify",
+            help="Score the bundle WITHOUT checking its signature (lab only; logged loudly). "
+            "Without it, a missing --key is an error (exit 2).",
+        ),
+    ] = False,
     station_id: Annotated[str | None, typer.Option(help="This station's id.")] = None,
     source: Annotated[
         str | None, typer.Option(help="folder:PATH[?loop=1&fps=N], synth:CLASS[?...], rgbd:PATH, plug-ins.")
@@ -74,6 +84,7 @@ def run(  # noqa: PLR0913 - one flag per setting, as documented in the issue
         "variant": variant,
         "sinks": list(sink) if sink else None,
         "backpressure": backpressure,
+        "insecure_no_verify": True if insecure_no_verify else None,  # absent flag: the config file's value
     }
     try:
         cfg = load_config(StationConfig, config, overrides)

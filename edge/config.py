@@ -28,7 +28,7 @@ class StationConfig:
     station_id: str
     bundle: Path
     source: str
-    key: Path | None = None  # bundle signing public key (file or folder); None = UNVERIFIED (warned)
+    key: Path | None = None  # bundle signing public key (file or folder); required (see insecure_no_verify)
     backend: str = "auto"  # auto | ort | trt
     variant: str = DEFAULT_VARIANT
     collector: str | None = None  # tcp://HOST:PORT; None = sinks only, nothing stored or sent
@@ -50,6 +50,9 @@ class StationConfig:
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     outbox_limits: OutboxLimits = field(default_factory=OutboxLimits)
     updater: UpdaterConfig | None = None  # [updater]: check in with a registry, take bundle updates
+    # Without a signing key the station refuses to start. This (flag --insecure-no-verify) is the only way
+    # to score an unverified bundle: a lab bench, never a line. It logs one loud line at start.
+    insecure_no_verify: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "ort", "trt"):
@@ -67,3 +70,16 @@ class StationConfig:
             raise ConfigError("[updater] needs a CURVE keypair (curve_dir) and a bundle signing key (key)")
         if self.collector is not None and (self.curve_dir is None or self.collector_key is None):
             raise ConfigError("a collector needs curve_dir (own keypair) and collector_key (its public key)")
+        if self.bundle_key is None and not self.insecure_no_verify:
+            raise ConfigError(
+                "no bundle signing key: a station never scores an unverified bundle. Give key (--key "
+                "PUB, the bundle_signing.pub file or its folder); only on a lab bench, --insecure-no-verify "
+                "scores without verification"
+            )
+
+    @property
+    def bundle_key(self) -> Path | None:
+        """The key the start-up bundle is verified with: `key`, else the updater's `signing_key`."""
+        if self.key is not None:
+            return self.key
+        return self.updater.signing_key if self.updater is not None else None

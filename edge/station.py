@@ -171,8 +171,14 @@ class Station:
 
             # with an updater, the bundle it last activated (active.json) wins over --bundle
             kept = startup_bundle(cfg.updater.state_dir) if cfg.updater is not None else None
+            if cfg.bundle_key is None:  # StationConfig allows this only with insecure_no_verify
+                log.error(
+                    "INSECURE: bundle %s will be scored WITHOUT signature verification "
+                    "(--insecure-no-verify): anyone who can write it controls every decision; lab use only",
+                    kept or cfg.bundle,
+                )
             model = open_bundle(
-                kept or cfg.bundle, cfg.key, cfg.backend, engine_cache_dir=cfg.engine_cache_dir
+                kept or cfg.bundle, cfg.bundle_key, cfg.backend, engine_cache_dir=cfg.engine_cache_dir
             )
         slot = ModelSlot(model, Policy(variant=cfg.variant, map_every_n_ok=cfg.map_every_n_ok))
         metrics = StationMetrics(cfg.station_id)

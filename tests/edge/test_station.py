@@ -118,6 +118,33 @@ def test_tampered_bundle_never_scores_a_frame(fleet_bundle: dict, station_env: d
     assert proc.stdout.strip() == ""  # not one decision
 
 
+def test_without_a_key_the_station_refuses_to_start_and_scores_nothing(
+    fleet_bundle: dict, station_env: dict
+) -> None:
+    good = fleet_bundle["data"] / fleet_bundle["class_name"] / "test" / "good"
+    args = ["--bundle", str(fleet_bundle["bundle"]), "--station-id", "s-nokey", "--source", f"folder:{good}"]
+    proc = run_station(station_env, [*args, "--once", "--sink", "stdout:"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: no bundle signing key" in proc.stderr and "--insecure-no-verify" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""  # not one decision
+
+
+def test_insecure_no_verify_scores_an_unsigned_bundle_with_one_loud_line(
+    fleet_bundle: dict, station_env: dict, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(fleet_bundle["bundle"], bundle)
+    (bundle / "manifest.sig").unlink()  # no signature at all: only the explicit flag lets it score
+    good = fleet_bundle["data"] / fleet_bundle["class_name"] / "test" / "good"
+    args = ["--bundle", str(bundle), "--station-id", "s-lab", "--source", f"folder:{good}", "--once"]
+    proc = run_station(station_env, [*args, "--json", "--sink", "stdout:", "--insecure-no-verify"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["counts"]["OK"] + summary["counts"]["NOK"] == 3
+    loud = [line for line in proc.stderr.splitlines() if "INSECURE" in line]
+    assert len(loud) == 1 and " ERROR " in loud[0] and "WITHOUT signature verification" in loud[0]
+
+
 def test_station_delivers_every_result_to_a_curve_collector_endpoint(
     fleet_bundle: dict, station_env: dict, tmp_path: Path
 ) -> None:
