@@ -176,11 +176,17 @@ class MemoryBank:
 
 @dataclass(frozen=True, eq=False)
 class BankScore:
-    """One bank's result: image_score (normalised-space distance), patch_dist_hw (g, g), map_hw (S, S) f32."""
+    """One bank's result: image_score (normalised-space distance), patch_dist_hw (g, g), map_hw (S, S) f32.
+
+    query_nc (g·g, C) normalised queries and nearest_n (g·g,) bank rows: what `bank_image_score` reads, so a
+    caller can apply another rule to the same search (bench/image_score_rules.py) without searching again.
+    """
 
     image_score: float
     patch_dist_hw: np.ndarray
     map_hw: np.ndarray
+    query_nc: np.ndarray | None = field(default=None, repr=False)
+    nearest_n: np.ndarray | None = field(default=None, repr=False)
 
 
 # float32 error of a ranking value ||b||² - 2q·b (or its known-prefix form), relative to ||q||² + max ||b||²:
@@ -485,4 +491,4 @@ def score_bank(
     patch_dist_hw = dist_n.reshape(g, g)
     map_hw = gaussian_blur(upsample_bilinear(patch_dist_hw, cfg.output_size), cfg.blur_sigma_px)
     image_score = bank_image_score(cfg, query, bank, dist_n, idx_n, map_hw)
-    return BankScore(image_score=image_score, patch_dist_hw=patch_dist_hw, map_hw=map_hw)
+    return BankScore(image_score, patch_dist_hw, map_hw, query_nc=query, nearest_n=idx_n)
