@@ -122,9 +122,11 @@ def _run_pipeline(model, source, backpressure: str):
 
 
 def station_mode(root: Path, frames: int, latency_frames: int) -> dict:
+    from edge.memory import tune_malloc
     from edge.sources import open_source
     from edge.station_model import open_bundle
 
+    malloc_tuned = tune_malloc()  # as `m3dm edge run` does, before any runner thread exists
     model = open_bundle(root / "bundles" / "v1", root / "keys")
     warm = next(iter(open_source(f"folder:{root / 'data' / CLASS}")))
     for _ in range(2):
@@ -152,6 +154,7 @@ def station_mode(root: Path, frames: int, latency_frames: int) -> dict:
         "torch_imported": "torch" in sys.modules,
         "scores": {s.result.frame_id: s.result.image_score for s in out},
         "backend": model.backend,
+        "malloc_tuned": malloc_tuned,
     }
 
 

@@ -65,6 +65,9 @@ def run(  # noqa: PLR0913 - one flag per setting, as documented in the issue
     as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
     """Score frames from a source in real time; results to the collector, decisions to the sinks."""
+    from edge.memory import tune_malloc
+
+    tune_malloc()  # before any runner or pipeline thread exists (edge/memory.py says why)
     from edge.config import StationConfig
     from edge.station import Station, configure_logging
     from protocol.config import ConfigFileError, load_config
