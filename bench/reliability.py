@@ -6,10 +6,12 @@ Steps, each timed, each one's output kept under --out:
   1. pytest over every reliability-related test file (faults with real processes, attacks, bad input,
      protocol and manifest properties, bundle verification, the no-pickle scan), JUnit XML in
      reliability-junit.xml;
-  2. bench/fuzz_manifest.py (100k hypothesis cases) and bench/fuzz_protocol.py (10k hypothesis + 100k
-     random-engine cases);
+  2. bench/fuzz_manifest.py (100k hypothesis cases, as two 50k shards with seeds 0 and 1),
+     bench/fuzz_protocol.py (10k hypothesis + 100k random-engine cases) and the deploy messages'
+     fuzz test (tests/reliability/test_deploy_decoder_fuzz.py at 10k + 100k), all four side by side;
   3. bench/load.py, 16 stations x 20 fps x 300 s with maps for NOK parts, into `m3dm collector serve`.
---quick shrinks steps 2 and 3 (10k / 1k + 10k cases; 8 x 10 fps x 60 s) for a machine others are using.
+--quick shrinks steps 2 and 3 (manifest 10k; wire and deploy 1k + 10k cases; 8 x 10 fps x 60 s) for a
+machine others are using.
 The summary (step, seconds, exit code, settings) goes to reliability_summary.json; RELIABILITY.md quotes the
 figures. Exit 0 only when every step passed. Budget: under 30 minutes on 2 cores.
 """
@@ -57,14 +59,18 @@ def _step(name: str, cmd: list[str], log: Path, summary: list[dict], **settings:
 
 
 def _parallel(steps: list[tuple[str, list[str], dict]], out: Path, summary: list[dict]) -> None:
-    """Run independent steps at the same time; each is timed from the common start to its own end."""
+    """Run independent steps at the same time; each is timed from the common start to its own end.
+
+    A step's settings may hold "env": variables added to its environment (and recorded in the summary).
+    """
     start = time.monotonic()
     running = []
     for name, cmd, settings in steps:
         print(f"== {name} (in parallel): {' '.join(cmd)}", flush=True)
         log = out / f"{name}.log"
         handle = log.open("wb")
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        env = {**os.environ, **settings.get("env", {})}
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
         running.append((name, proc, handle, log, settings))
     for name, proc, handle, log, settings in running:
         code = proc.wait()
@@ -97,27 +103,45 @@ def main(argv: list[str] | None = None) -> int:
         out / "pytest.log",
         summary,
     )
-    # The two fuzzers are single-threaded: run them side by side, one per core.
+    # The fuzzers are single-threaded, and the manifest one is the slowest (~180 cases/s): it runs as two
+    # shards of half the cases with different seeds, beside the wire-decoder fuzzer, so both cores stay busy.
     proto = ["--cases", "1000", "--random-cases", "10000"] if args.quick else []
+    manifest_shards = [
+        (
+            f"fuzz_manifest_{shard}",
+            [
+                py,
+                "bench/fuzz_manifest.py",
+                "--cases",
+                str(cases // 2),
+                "--seed",
+                str(shard),
+                "--json-out",
+                str(out / f"fuzz_manifest_{shard}.json"),
+            ],
+            {"cases": cases // 2, "seed": shard},
+        )
+        for shard in (0, 1)
+    ]
     _parallel(
         [
-            (
-                "fuzz_manifest",
-                [
-                    py,
-                    "bench/fuzz_manifest.py",
-                    "--cases",
-                    str(cases),
-                    "--json-out",
-                    str(out / "fuzz_manifest.json"),
-                ],
-                {"cases": cases},
-            ),
+            *manifest_shards,
             (
                 # hypothesis cases, then a plain random engine (10k + 100k by default, its own split)
                 "fuzz_protocol",
                 [py, "bench/fuzz_protocol.py", *proto, "--json-out", str(out / "fuzz_protocol.json")],
                 {"args": " ".join(proto) or "defaults (10k hypothesis + 100k random)"},
+            ),
+            (
+                # the deploy messages, at the registry's and the station's decoder (CI runs 400 + 5,000)
+                "fuzz_deploy",
+                [py, "-m", "pytest", "-q", "-rA", "tests/reliability/test_deploy_decoder_fuzz.py"],
+                {
+                    "env": {
+                        "M3DM_DEPLOY_FUZZ_CASES": str(cases // 10),
+                        "M3DM_DEPLOY_FUZZ_RANDOM_CASES": str(cases),
+                    }
+                },
             ),
         ],
         out,
