@@ -232,7 +232,9 @@ def train(
         list[str] | None, typer.Option("--class", help="Class to fit (repeatable).")
     ] = None,
     all_classes: Annotated[bool, typer.Option("--all", help="Fit every class found.")] = False,
-    preset: Annotated[str, typer.Option(help="m3dm | m3dm-v2 | m3dm-free | m3dm-random")] = "m3dm-free",
+    preset: Annotated[
+        str, typer.Option(help="m3dm | m3dm-v2 | m3dm-free | m3dm-site | m3dm-random")
+    ] = "m3dm-free",
     weights_dir: Annotated[Path | None, typer.Option(help="Folder holding the official checkpoints.")] = None,
     allow_random_weights: Annotated[bool, typer.Option(help="Permit the m3dm-random preset.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for coreset, UFF and DLF.")] = 0,
@@ -256,9 +258,19 @@ def train(
     coreset_device: Annotated[
         str, typer.Option(help="Torch device of the greedy coreset selection: cpu or cuda[:N].")
     ] = "cpu",
+    site_steps: Annotated[
+        int | None, typer.Option(min=1, help="m3dm-site: optimiser steps of the rgb encoder (default 300).")
+    ] = None,
+    site_device: Annotated[
+        str,
+        typer.Option(help="m3dm-site: encoder training device, auto (CUDA when there is one), cpu or cuda."),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
-    """Fit memory banks, UFF and DLF for each class; write a model folder per class."""
+    """Fit memory banks, UFF and DLF for each class; write a model folder per class.
+
+    m3dm-site first trains each class's rgb encoder on its training normals (a few minutes on 2 CPU cores).
+    """
     from core.config import CoresetConfig
     from trainer.pipeline import train_classes
 
@@ -284,10 +296,17 @@ def train(
         coreset=coreset,
         false_reject_rate=false_reject_rate,
         point_bn=point_bn,
+        site=_site_config(seed, site_steps, site_device),
         coreset_device=coreset_device,
     )
     if as_json:
         emit_json(summary)
+
+
+def _site_config(seed: int, steps: int | None, device: str):  # noqa: ANN202 - SiteConfig, imported lazily
+    from trainer.site.train import SiteConfig
+
+    return SiteConfig(seed=seed, device=device, **({} if steps is None else {"steps": steps}))
 
 
 @app.command("eval")
