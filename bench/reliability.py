@@ -72,12 +72,18 @@ def _parallel(steps: list[tuple[str, list[str], dict]], out: Path, summary: list
         env = {**os.environ, **settings.get("env", {})}
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
         running.append((name, proc, handle, log, settings))
-    for name, proc, handle, log, settings in running:
-        code = proc.wait()
-        handle.close()
-        seconds = round(time.monotonic() - start, 1)
-        summary.append({"step": name, "seconds": seconds, "exit": code, "log": str(log), **settings})
-        print(f"   {name} {'ok' if code == 0 else 'FAILED'} after {seconds} s (log {log})", flush=True)
+    while running:  # poll, so that each step's time is its own end, not that of a slower one before it
+        for item in list(running):
+            name, proc, handle, log, settings = item
+            code = proc.poll()
+            if code is None:
+                continue
+            running.remove(item)
+            handle.close()
+            seconds = round(time.monotonic() - start, 1)
+            summary.append({"step": name, "seconds": seconds, "exit": code, "log": str(log), **settings})
+            print(f"   {name} {'ok' if code == 0 else 'FAILED'} after {seconds} s (log {log})", flush=True)
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
