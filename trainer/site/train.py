@@ -55,16 +55,16 @@ class SiteConfig:
     """Training of the site encoder; steps x batch_images crops is the budget (times: BENCHMARKS.md)."""
 
     width: int = SITE_WIDTH
-    steps: int = 300
-    batch_images: int = 16
+    steps: int = 150
+    batch_images: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     anomaly_prob: float = 0.5  # share of images in a batch that get a synthetic anomaly
     recon_weight: float = 1.0
-    # Training crops (multiple of 16): a 96 px crop costs a sixth of a full image, and BatchNorm in eval mode
+    # Training crops (multiple of 16): a 64 px crop costs a twelfth of a full image, and BatchNorm in eval mode
     # makes full-image features consistent with crop training; every step sees different parts and placements.
-    crop_px: int = 96
+    crop_px: int = 64
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
 
@@ -201,12 +201,12 @@ def train_site(
             seg_loss = F.binary_cross_entropy_with_logits(seg, target_tok)
             recon_loss = F.mse_loss(recon, clean)
             loss = seg_loss + cfg.recon_weight * recon_loss
-            value = float(loss.detach())
+            value, seg_value, recon_value = (float(t.detach()) for t in (loss, seg_loss, recon_loss))
             if not math.isfinite(value):
                 raise TrainingDivergedError(
                     f"site encoder loss is {value} at step {step + 1}/{cfg.steps} (segmentation "
-                    f"{float(seg_loss):.4g}, reconstruction {float(recon_loss):.4g}); check the training "
-                    "images for NaN/inf values or lower the learning rate"
+                    f"{seg_value:.4g}, reconstruction {recon_value:.4g}); check the training images for "
+                    "NaN/inf values or lower the learning rate"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
