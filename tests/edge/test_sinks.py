@@ -64,7 +64,7 @@ def test_stdout_sink_writes_one_json_line() -> None:
 def test_unknown_sink_scheme_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown scheme 'opcua'"):
         open_sink("opcua://plc:4840", "st-1")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="mqtt sink 'mqtt://host:1883\\?retain=1': needs mqtt://HOST"):
         open_sink("mqtt://host:1883?retain=1", "st-1")
 
 

@@ -121,6 +121,18 @@ def hostile(fleet_bundle: dict, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"variants": variants, "trusted_key": keys / "bundle_signing.pub"}
 
 
+# What each refusal must say: the right check, and why (a refusal for the wrong reason is a bug too).
+REFUSAL = {
+    "tampered_bank": r"^\[hashes\] banks/.*: sha256 .* != manifest",
+    "tampered_onnx": r"^\[hashes\] onnx/.*\.onnx: sha256 .* != manifest",
+    "tampered_threshold": r"^\[signature\] .*signature does not match manifest\.json",
+    "expired": r"^\[expiry\] expired at 2021-01-01T00:00:00Z",
+    "downgraded": r"^\[rollback\] anti_rollback_counter 0 < station minimum 1",
+    "wrongly_signed": r"^\[signature\] .*signature does not match manifest\.json",
+    "unsigned": r"^\[signature\] .*manifest\.sig is missing",
+    "planted_file": r"^\[hashes\] onnx/extra\.onnx: file is not listed in the manifest",
+}
+
 VARIANTS = [
     "tampered_bank",
     "tampered_onnx",
@@ -144,7 +156,7 @@ def test_the_untouched_bundle_loads(fleet_bundle: dict) -> None:
 def test_hostile_bundle_never_loads(hostile: dict, variant: str, form: str) -> None:
     bundle_dir, error, min_counter = hostile["variants"][variant]
     target = bundle_dir if form == "dir" else _tar(bundle_dir)
-    with pytest.raises(error):
+    with pytest.raises(error, match=REFUSAL[variant]):
         open_bundle(target, hostile["trusted_key"], backend="ort", min_counter=min_counter)
 
 
@@ -180,7 +192,7 @@ def test_path_traversal_tar_is_refused_and_writes_nothing_outside(
     assert not dest.exists() and list((tmp_path / "extract").iterdir()) == []
     assert not (tmp_path / "extract" / "evil.onnx").exists() and not (tmp_path / "evil.onnx").exists()
     assert not Path("/tmp/m3dm-evil.onnx").exists()
-    with pytest.raises(ArchiveError):  # and the station loader takes the same path
+    with pytest.raises(ArchiveError, match="would escape the destination"):  # the station loader: same path
         open_bundle(tar_path, fleet_bundle["keys"], backend="ort")
 
 

@@ -52,10 +52,10 @@ def test_index_file_round_trip_and_scoring_with_it(data, tmp_path) -> None:
     choice.index.save(tmp_path / "point.faiss")
     loaded = load_index(tmp_path / "point.faiss", choice.kind, choice.params, *bank.feats_mc.shape)
     np.testing.assert_array_equal(loaded.search(fresh[:200]), choice.index.search(fresh[:200]))
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(CorruptFileError, match="faiss index is 24000x48, its bank is 10x48"):
         load_index(tmp_path / "point.faiss", choice.kind, choice.params, 10, 48)
     (tmp_path / "bad.faiss").write_bytes(b"not an index")
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(CorruptFileError, match="unreadable faiss index"):
         load_index(tmp_path / "bad.faiss", choice.kind, choice.params, *bank.feats_mc.shape)
     approx_bank = MemoryBank(bank.name, bank.feats_mc, 28, bank.feat_mean_c, 1.0, index=loaded)
     query = fresh[: 28 * 28].reshape(28, 28, 48)

@@ -123,7 +123,9 @@ def test_renamed_key_fails_loudly_and_names_it(tmp_path: Path) -> None:
     state = _random_state(_official_vit_keys(32, 2, 8, 17, dinov2=False))
     state["blocks.0.attn.qkv.weights"] = state.pop("blocks.0.attn.qkv.weight")
     torch.save(state, tmp_path / "renamed.pth")
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(
+        ConfigError, match="checkpoint does not match VisionTransformer: missing keys"
+    ) as error:
         load_dino(VisionTransformer(SMALL_DINO), tmp_path / "renamed.pth")
     assert "blocks.0.attn.qkv.weight'" in str(error.value) and "blocks.0.attn.qkv.weights" in str(error.value)
     assert "renamed.pth" in str(error.value)
@@ -152,7 +154,7 @@ def test_wrong_shape_and_stray_point_mae_key_fail(tmp_path: Path) -> None:
     ],
 )
 def test_missing_file_names_file_and_source(tmp_path: Path, loader, expected_file: str) -> None:  # noqa: ANN001
-    with pytest.raises(MissingWeightsError) as error:
+    with pytest.raises(MissingWeightsError, match=r"absent\.pth not found; expected ") as error:
         loader(VisionTransformer(SMALL_DINO), tmp_path / "absent.pth")
     assert "absent.pth" in str(error.value) and expected_file in str(error.value)
 

@@ -25,7 +25,7 @@ def test_each_bank_is_sized_from_its_own_rows() -> None:
     assert coreset_size(5, 0.1, 100) == 1
     assert coreset_size(7, 1.0, 100) == 7
     for bad in [(0, 0.1, 10), (10, 0.0, 10), (10, 1.5, 10), (10, 0.5, 0)]:
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match="bad coreset sizing"):
             coreset_size(*bad)
 
 
@@ -51,9 +51,9 @@ def test_projected_selection_is_deterministic_and_unique() -> None:
     assert first.dtype == np.int64 and first[0] == 0 and len(set(first.tolist())) == 60
     np.testing.assert_array_equal(first, greedy_coreset(feats, 60, eps=0.9, seed=3))
     assert not np.array_equal(first, greedy_coreset(feats, 60, eps=0.9, seed=4))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"target_rows=601 must lie in \[1, 600\]"):
         greedy_coreset(feats, 601)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"coreset input must be \(N>0, C\), got \(512,\)"):
         greedy_coreset(feats[0], 1)
 
 
@@ -76,7 +76,7 @@ def test_build_memory_bank_normalises_with_all_rows_then_subsamples() -> None:
     assert bank.feat_scale == pytest.approx(scale)
     raw_kept = bank.feats_mc * bank.feat_scale + bank.feat_mean_c
     assert cdist(raw_kept, rows).min(axis=1).max() < 1e-5  # every kept row is a real training row
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match="disagree on the channel count"):
         build_memory_bank("rgb", [rows, rows[:, :5]], 28, 0.1, CoresetConfig())
 
 

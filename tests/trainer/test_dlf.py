@@ -34,7 +34,7 @@ def test_exported_svm_matches_sklearn() -> None:
         ours.decision_function(test_x), ref.decision_function(test_x), rtol=1e-6, atol=1e-9
     )
     assert (ours.coef_f > 0).all()  # positive inputs give positive weights (spec §8)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"DLF inputs must be finite \(N>=2, F\), got \(2, 2\)"):
         fit_linear_ocsvm(np.array([[np.nan, 1.0], [1.0, 1.0]]), cfg)
 
 
@@ -48,7 +48,7 @@ def test_score_normaliser_statistics() -> None:
     assert norm.pixel_std_b[2] == 1.0
     norm_image, _ = norm.apply(image, maps)
     np.testing.assert_allclose(norm_image.mean(axis=0), NORMALISED_SHIFT, atol=1e-5)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"bank image scores must be \(N, 3\), got \(40, 2\)"):
         fit_score_normaliser(image[:, :2], maps)
 
 
@@ -100,7 +100,7 @@ def test_train_then_score_end_to_end() -> None:
     }
     # fused_features does not touch the fusion bank, so a placeholder lets us build the real one.
     placeholder = FrameScorer(banks | {"fusion": banks["point"]}, None, None, None, ScoreConfig())
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="has no DLF models"):
         placeholder.combine(np.zeros(3, np.float32), np.zeros((3, 224, 224), np.float32))
     fusion_rows = [placeholder.fused_features(f) for f in train]
     banks["fusion"] = build_memory_bank("fusion", fusion_rows, 56, 0.05, cfg)

@@ -147,12 +147,12 @@ def test_aupro_undefined_without_defects_is_nan(caplog):
 
 def test_aupro_rejects_bad_input():
     masks, maps = _random_case(0)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"masks \(6, 40, 40\) and maps \(6, 39, 40\) must be equal"):
         aupro(masks, maps[:, :-1])
     maps[0, 0, 0] = np.nan
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="anomaly maps contain NaN or inf"):
         aupro(masks, maps)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"fpr_limit must be in \(0, 1\], got 0.0"):
         aupro(masks, np.nan_to_num(maps), fpr_limit=0.0)
 
 
@@ -184,7 +184,7 @@ def test_auroc_single_class_is_nan_with_reason(caplog):
 
 
 def test_image_auroc_rejects_mismatched_shapes():
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"labels \(4,\) and scores \(5,\) must be equal"):
         image_auroc(np.zeros(4), np.zeros(5))
 
 
@@ -219,7 +219,7 @@ def test_threshold_never_rejects_more_than_the_rate(n, rate):
 
 def test_threshold_known_value_and_bad_input():
     assert threshold_at_false_reject_rate(np.arange(11.0), 0.1) == 9.0  # 1 of 11 above
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"false_reject_rate must be in \[0, 1\), got 1.0"):
         threshold_at_false_reject_rate(np.arange(5.0), 1.0)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=r"must be non-empty and finite \(got 0 values\)"):
         threshold_at_false_reject_rate(np.array([]), 0.1)

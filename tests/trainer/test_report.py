@@ -84,7 +84,7 @@ def test_json_round_trips_and_mean_is_class_average(tmp_path):
 
 
 def test_write_json_refuses_to_overwrite_results(tmp_path):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"extra keys \['mean'\] would overwrite the results"):
         write_json(tmp_path / "r.json", _results(), extra={"mean": 1})
 
 
@@ -159,8 +159,8 @@ def test_overlays_use_one_shared_scale_and_are_reproducible(tmp_path):
 
 def test_overlays_reject_mismatched_inputs(tmp_path):
     rgb, maps, masks, names = _overlay_inputs()
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match="rgb, maps, masks and names must have equal lengths"):
         write_heatmap_overlays(tmp_path, rgb, maps, masks, names[:-1])
     maps[0] = maps[0][:-1]
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"rgb \(32, 32, 3\), map \(31, 32\), mask \(32, 32\) differ"):
         write_heatmap_overlays(tmp_path, rgb, maps, masks, names)

@@ -85,24 +85,30 @@ def test_same_seed_same_bytes_across_worker_counts(tmp_path: Path) -> None:
 def test_existing_data_is_not_overwritten_silently(tmp_path: Path) -> None:
     cfg = SynthConfig(classes=("peg",), width_px=48, height_px=48, workers=1, **SMALL)
     synthesize(tmp_path, cfg)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="already holds data"):
         synthesize(tmp_path, cfg)
     assert synthesize(tmp_path, cfg, overwrite=True)["samples"] == 8
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"classes": ("bagel",)}, {"width_px": 8}, {"n_train": 0}, {"workers": 0}, {"classes": ("ring", "ring")}],
+    ("kwargs", "message"),
+    [
+        ({"classes": ("bagel",)}, r"classes must be distinct names from .*; got \('bagel',\)"),
+        ({"width_px": 8}, r"image sides must lie in \[32, 2048\] px, got 8"),
+        ({"n_train": 0}, "n_train >= 1"),
+        ({"workers": 0}, "workers must be >= 1"),
+        ({"classes": ("ring", "ring")}, r"classes must be distinct names .*; got \('ring', 'ring'\)"),
+    ],
 )
-def test_bad_config_raises(kwargs: dict) -> None:
-    with pytest.raises(ConfigError):
+def test_bad_config_raises(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
         SynthConfig(**kwargs)
 
 
 def test_render_rejects_unknown_names() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown synthetic class 'bagel'"):
         render_sample("bagel", 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="class 'ring' has no defect 'hole'"):
         render_sample("ring", 0, "hole")  # a defect of another class
 
 

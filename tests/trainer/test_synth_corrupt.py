@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_case_raises_its_typed_error_naming_the_file(corrupt_set: tuple[Path, di
             _read_and_prepare(root, entry)  # good scans prepare cleanly
             continue
         error_cls = getattr(core.errors, entry["error"])
-        with pytest.raises(error_cls) as info:
+        with pytest.raises(error_cls, match=f"^{re.escape(str(root))}/") as info:
             _read_and_prepare(root, entry)
         assert type(info.value) is error_cls, f"{case}: {type(info.value).__name__}, wanted {entry['error']}"
         named = {str(root / entry["file"])} | ({str(root / entry["partner"])} if entry["partner"] else set())
@@ -66,7 +67,7 @@ def test_case_raises_its_typed_error_naming_the_file(corrupt_set: tuple[Path, di
 def test_listing_the_folder_names_the_orphan_of_a_missing_pair(corrupt_set: tuple[Path, dict]) -> None:
     root, expected = corrupt_set
     orphans = {str(root / e["file"]) for e in expected["cases"] if e["case"].startswith("missing_")}
-    with pytest.raises(core.errors.MissingFileError) as info:
+    with pytest.raises(core.errors.MissingFileError, match="rgb file has no xyz partner") as info:
         list_samples(root, "ring", "test")
     assert info.value.path in orphans
 
@@ -83,7 +84,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 
 
 def test_plan_needs_two_good_scans_and_spreads_bad_ones() -> None:
-    with pytest.raises(core.errors.ConfigError):
+    with pytest.raises(core.errors.ConfigError, match="needs at least 2 good scans"):
         plan_cases(1)
     order = plan_cases(4)
     assert order[0] == order[-1] == "good"

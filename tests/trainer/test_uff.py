@@ -157,7 +157,7 @@ def test_small_data_sets_train_at_least_min_steps() -> None:
 
 
 def test_training_rejects_mismatched_grids() -> None:
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"point grid \(1, 56, 56, 4\) must be \(N,2H,2W,Cp\) for rgb grid"):
         train_uff(
             np.ones((2, 56, 56, 4), np.float32), np.ones((2, 56, 56, 4), np.float32), CFG, progress=False
         )
@@ -175,7 +175,7 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 
 def test_load_uff_errors(tmp_path) -> None:
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(MissingWeightsError, match="absent.safetensors or dims .* not found"):
         load_uff(tmp_path / "absent.safetensors")
     path = save_uff(FeatureFusionBlock(4, 4), tmp_path / "uff.safetensors")
     path.write_bytes(b"garbage")
@@ -205,7 +205,7 @@ def test_load_official_uff_fails_loudly_on_key_mismatch(tmp_path) -> None:
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(CorruptFileError, match=r"missing \['rgb_head.bias'\], unexpected \['extra.weight'\]"):
         load_official_uff(_official_checkpoint(tmp_path, state))
-    with pytest.raises(MissingWeightsError):
+    with pytest.raises(MissingWeightsError, match="official UFF checkpoint .*nope.pth not found"):
         load_official_uff(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a zip")
     with pytest.raises(CorruptFileError, match="junk.pth"):

@@ -48,7 +48,7 @@ def test_resample_pos_embed_keeps_cls_and_follows_dinov2_rule() -> None:
     )
     torch.testing.assert_close(resampled[:, 1:], expected)
     assert torch.equal(resample_pos_embed(table, 37), table)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="pos_embed has 10 patch entries, not a square grid"):
         resample_pos_embed(torch.zeros(1, 1 + 10, 16), 3)
 
 
