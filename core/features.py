@@ -60,8 +60,17 @@ def point_features(scan: PreparedScan, preset: FeaturePreset, runner: object | N
     )
 
 
-def extract_features(scan: PreparedScan, preset: FeaturePreset, runners: FeatureRunners) -> PatchFeatures:
-    """Both modalities for one prepared scan."""
+def extract_features(
+    scan: PreparedScan,
+    preset: FeaturePreset,
+    runners: FeatureRunners,
+    modalities: tuple[str, ...] = ("rgb", "point"),
+) -> PatchFeatures:
+    """Both modalities for one prepared scan, or ("rgb",) alone for an RGB-only model: its point grid is
+    then (point_grid, point_grid, 0), since there are no points to describe and no point bank to query."""
+    if "point" not in modalities:
+        empty = np.zeros((preset.point_grid, preset.point_grid, 0), np.float32)
+        return PatchFeatures(rgb_hwc=rgb_features(scan, preset, runners.rgb), point_hwc=empty)
     return PatchFeatures(
         rgb_hwc=rgb_features(scan, preset, runners.rgb),
         point_hwc=point_features(scan, preset, runners.point),

@@ -26,6 +26,7 @@ from core.scoring import KnownPrefix, KnownRows, MemoryBank, score_bank
 __all__ = [
     "BANKS",
     "COMBINATIONS",
+    "RGB_ONLY_VARIANTS",
     "VARIANTS",
     "FrameScorer",
     "FrameScores",
@@ -37,20 +38,23 @@ BANKS = ("rgb", "point", "fusion")
 VARIANTS = ("rgb", "point", "fusion", "rgb+point", "rgb+point+fusion")
 # Combination variant -> indices into BANKS of the scores its DLF consumes (in that column order).
 COMBINATIONS: dict[str, tuple[int, ...]] = {"rgb+point": (0, 1), "rgb+point+fusion": (0, 1, 2)}
+# An RGB-only model (a class without xyz files) has the rgb bank alone and scores this one variant.
+RGB_ONLY_VARIANTS = ("rgb",)
 
 
 @dataclass(frozen=True, eq=False)
 class FrameScores:
     """Scores of one frame.
 
-    bank_image: (3,) float32 raw image scores [rgb, point, fusion]; bank_maps: (3, S, S) float32.
-    image: variant -> image anomaly score; maps: variant -> (S, S) float32 anomaly map.
+    bank_image: (B,) float32 raw image scores of `bank_names` (B = 3: rgb, point, fusion; 1 for RGB-only);
+    bank_maps: (B, S, S) float32. image: variant -> image anomaly score; maps: variant -> (S, S) float32 map.
     """
 
     bank_image: np.ndarray
     bank_maps: np.ndarray
     image: dict[str, float]
     maps: dict[str, np.ndarray]
+    bank_names: tuple[str, ...] = BANKS
 
 
 def prepare_dlf_inputs(
@@ -109,7 +113,20 @@ class FrameScorer:
         """dlf=None gives a scorer that only computes bank_scores (the trainer before DLF fitting).
 
         skip_background=False runs UFF and every bank's search on all patches (the reference path).
+        banks = {"rgb"} alone is an RGB-only model: no UFF, no DLF, no normaliser, one variant ("rgb").
         """
+        self.rgb_only = set(banks) == {"rgb"}
+        if self.rgb_only:
+            if uff is not None or dlf or normaliser is not None:
+                raise ConfigError("an RGB-only FrameScorer (rgb bank alone) takes no UFF, DLF or normaliser")
+            self.bank_names: tuple[str, ...] = RGB_ONLY_VARIANTS
+            self.variants: tuple[str, ...] = RGB_ONLY_VARIANTS
+            self.banks = {"rgb": banks["rgb"]}
+            self.dlf = {}
+            self.normaliser, self.uff, self.score_cfg = None, None, score_cfg
+            self.skip_background = skip_background
+            return
+        self.bank_names, self.variants = BANKS, VARIANTS
         missing = [b for b in BANKS if b not in banks] + [
             v for v in COMBINATIONS if dlf is not None and v not in dlf
         ]
@@ -206,7 +223,14 @@ class FrameScorer:
         return fused.reshape(grid, grid, -1), background, token_n[background]
 
     def bank_scores(self, features: PatchFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Raw per-bank scores [rgb, point, fusion]: bank_image (3,) float32, bank_maps (3, S, S) float32."""
+        """Raw per-bank scores of `bank_names`: bank_image (B,) float32, bank_maps (B, S, S) float32.
+
+        B = 3 ([rgb, point, fusion]); an RGB-only scorer reads only the rgb grid and gives B = 1.
+        """
+        if self.rgb_only:
+            rgb = np.asarray(features.rgb_hwc, dtype=np.float32)
+            result = score_bank(rgb, self.banks["rgb"], self.score_cfg, None, self.skip_background)
+            return np.array([result.image_score], np.float32), result.map_hw[None].astype(np.float32)
         fused, background, tokens = self._fused_and_background(features)
         fusion_known = None
         if self.skip_background and background.size:
@@ -225,11 +249,13 @@ class FrameScorer:
         return bank_image, bank_maps
 
     def combine(self, bank_image: np.ndarray, bank_maps: np.ndarray) -> FrameScores:
-        """Five variants from per-bank scores: singles pass through, combinations go through DLF."""
+        """Five variants (RGB-only: one) from bank scores: singles pass through, combinations via DLF."""
         if self.dlf is None:
             raise ConfigError("this FrameScorer has no DLF models; it can only compute bank_scores")
-        image = {name: float(bank_image[i]) for i, name in enumerate(BANKS)}
-        maps = {name: bank_maps[i] for i, name in enumerate(BANKS)}
+        image = {name: float(bank_image[i]) for i, name in enumerate(self.bank_names)}
+        maps = {name: bank_maps[i] for i, name in enumerate(self.bank_names)}
+        if self.rgb_only:
+            return FrameScores(bank_image, bank_maps, image, maps, self.bank_names)
         dlf_image, dlf_maps = prepare_dlf_inputs(
             bank_image, bank_maps, self.normaliser, self.score_cfg.rgb_lambda
         )

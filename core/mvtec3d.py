@@ -21,10 +21,13 @@ from core.preprocess import sanitize_xyz
 from core.scan import RawScan
 
 __all__ = [
+    "RGB_ONLY",
+    "RGB_XYZ",
     "SPLITS",
     "ClassMeta",
     "SampleRef",
     "dataset_summary",
+    "class_modalities",
     "discover_classes",
     "format_summary",
     "iter_scans",
@@ -34,12 +37,16 @@ __all__ = [
     "read_gt",
     "read_rgb",
     "read_xyz",
+    "xyz_coverage",
 ]
 
 SPLITS = ("train", "validation", "test")
 _RGB_SUFFIXES = (".png",)
 _XYZ_SUFFIXES = (".tiff", ".tif")
 _GT_SUFFIXES = (".png",)
+# What a class's files support (protocol.manifest modalities): M3DM proper, or the RGB bank alone.
+RGB_XYZ = ("rgb", "point")
+RGB_ONLY = ("rgb",)
 
 
 @dataclass(frozen=True)
@@ -264,6 +271,34 @@ def iter_scans(
         yield batch
 
 
+def xyz_coverage(root: str | Path, class_name: str) -> tuple[int, int]:
+    """(samples with an xyz file, all samples) over every split of one class; lists files, reads none."""
+    refs = [ref for split in SPLITS for ref in list_samples(root, class_name, split)]
+    return sum(ref.xyz_path is not None for ref in refs), len(refs)
+
+
+def class_modalities(root: str | Path, class_name: str) -> tuple[str, ...]:
+    """RGB_XYZ when every sample of the class has its xyz file, RGB_ONLY when none has (xyz/ removed).
+
+    Real MVTec 3D-AD copies often ship without xyz/; such a class trains the RGB bank alone. A class where
+    some scans have xyz and others not is refused (MissingFileError naming one of each): a point bank from
+    part of the scans, scored on frames that may lack points, would be a silently broken model.
+    """
+    refs = [ref for split in SPLITS for ref in list_samples(root, class_name, split)]
+    without = [ref for ref in refs if ref.xyz_path is None]
+    if not without:
+        return RGB_XYZ
+    if len(without) == len(refs):
+        return RGB_ONLY
+    with_xyz = next(ref for ref in refs if ref.xyz_path is not None)
+    raise MissingFileError(
+        f"class {class_name!r} mixes scans with xyz ({len(refs) - len(without)}, e.g. {with_xyz.sample_id}) "
+        f"and without ({len(without)}, e.g. {without[0].sample_id}); supply the missing xyz/ files, or "
+        "remove every xyz/ folder of the class to train an RGB-only model",
+        without[0].rgb_path.parent.parent,
+    )
+
+
 def dataset_summary(root: str | Path) -> dict[str, dict[str, dict[str, int]]]:
     """Sample counts as summary[class][split][defect_type]; splits without samples are left out."""
     summary: dict[str, dict[str, dict[str, int]]] = {}
@@ -278,9 +313,14 @@ def dataset_summary(root: str | Path) -> dict[str, dict[str, dict[str, int]]]:
     return summary
 
 
-def format_summary(summary: dict[str, dict[str, dict[str, int]]]) -> str:
-    """A plain-text table of `dataset_summary` output, one row per class plus a total row."""
-    header = ("class", "train", "validation", "test good", "test defective", "defect types")
+def format_summary(
+    summary: dict[str, dict[str, dict[str, int]]], data_kinds: dict[str, str] | None = None
+) -> str:
+    """A plain-text table of `dataset_summary` output, one row per class plus a total row.
+
+    data_kinds: class -> what its files hold (e.g. "rgb+xyz", "RGB-only"), shown as a last column.
+    """
+    header: tuple[str, ...] = ("class", "train", "validation", "test good", "test defective", "defect types")
     rows = []
     totals = [0, 0, 0, 0]
     for name, splits in summary.items():
@@ -293,8 +333,11 @@ def format_summary(summary: dict[str, dict[str, dict[str, int]]]) -> str:
         ]
         totals = [t + c for t, c in zip(totals, counts, strict=True)]
         defects = ", ".join(f"{d} {n}" for d, n in test.items() if d != "good")
-        rows.append((name, *map(str, counts), defects or "-"))
-    rows.append(("total", *map(str, totals), ""))
+        kind = () if data_kinds is None else (data_kinds.get(name, "?"),)
+        rows.append((name, *map(str, counts), defects or "-", *kind))
+    if data_kinds is not None:
+        header = (*header, "data")
+    rows.append(("total", *map(str, totals), "", *(("",) if data_kinds is not None else ())))
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     table = (header, *rows)
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]

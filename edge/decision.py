@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from core.model import BANKS, FrameScores
+from core.model import FrameScores
 from edge.model_slot import SlotState
 from edge.sources import Frame
 from protocol.frames import quantise_map
@@ -82,7 +82,7 @@ def scored_result(
         variant=variant,
         decision=decision,
         image_score=score,
-        bank_scores={name: float(scores.bank_image[i]) for i, name in enumerate(BANKS)},
+        bank_scores={name: float(scores.bank_image[i]) for i, name in enumerate(scores.bank_names)},
         threshold=state.threshold,
         threshold_version=state.threshold_version,
         latency_ms=latency_ms,

@@ -88,18 +88,28 @@ def read_model_json(model_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ model.json -> draft manifest
 
 
+def _modalities(raw: dict[str, Any]) -> tuple[str, ...]:
+    """("rgb", "point"), or ("rgb",) for a model fitted on a class without xyz files (older: always both)."""
+    return tuple(raw.get("modalities") or ("rgb", "point"))
+
+
 def _network_paths(raw: dict[str, Any]) -> dict[str, str]:
-    """Exported graphs, or where `m3dm export` will write them (the draft names them before they exist)."""
-    if raw.get("networks"):
+    """Exported graphs, or where `m3dm export` will write them (the draft names them before they exist).
+
+    An RGB-only model has no UFF and no point network (and with the weight-free preset, no graph at all).
+    """
+    if "networks" in raw:
         return dict(raw["networks"])
-    preset = raw["preset"]
-    names = ["uff"] + [n for n in ("rgb", "point") if preset[f"{n}_backbone"] != "free"]
+    preset, modalities = raw["preset"], _modalities(raw)
+    names = (["uff"] if "point" in modalities else []) + [
+        n for n in modalities if preset[f"{n}_backbone"] != "free"
+    ]
     return {name: f"onnx/{name}.onnx" for name in names}
 
 
 def _bank_specs(raw: dict[str, Any]) -> dict[str, BankSpec]:
     specs = {}
-    for name in BANKS:
+    for name in (b for b in BANKS if b in raw["banks"]):  # all three, or "rgb" alone for RGB-only
         entry = raw["banks"][name]
         index = entry.get("index") or {}  # a faiss ANN index chosen by the trainer (trainer/ann.py)
         specs[name] = BankSpec(
@@ -122,6 +132,7 @@ def _scoring_spec(raw: dict[str, Any]) -> ScoringSpec:
     norm = raw.get("normaliser") or {}
     kinds = ("image_mean", "image_std", "pixel_mean", "pixel_std")
     stats = {b: {k: float(norm[f"{k}_b"][i]) for k in kinds} for i, b in enumerate(BANKS)} if norm else {}
+    # (an RGB-only model has no normaliser and no DLF: both stay empty)
     dlf = {
         v: DLFCoefficients(
             tuple(d["image"]["coef"]), d["image"]["offset"], tuple(d["pixel"]["coef"]), d["pixel"]["offset"]
@@ -145,6 +156,8 @@ def _scoring_spec(raw: dict[str, Any]) -> ScoringSpec:
 def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, host: str) -> BundleManifest:
     """The model folder's scoring facts as an unsigned draft manifest (the one schema)."""
     p, prov = raw["preset"], raw.get("provenance", {})
+    modalities = _modalities(raw)
+    decision = DECISION_VARIANT if "point" in modalities else "rgb"
     now = datetime.now(UTC).replace(microsecond=0)
     try:
         return BundleManifest(
@@ -175,8 +188,8 @@ def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, ho
             banks=_bank_specs(raw),
             scoring=_scoring_spec(raw),
             thresholds=Thresholds(
-                DECISION_VARIANT,
-                float(raw["thresholds"][DECISION_VARIANT]),
+                decision,
+                float(raw["thresholds"][decision]),
                 raw.get("false_reject_rate", 0.01),
                 score_quantiles=_score_quantiles(raw),
             ),
@@ -188,6 +201,7 @@ def draft_manifest_from_model_json(raw: dict[str, Any], trainer_version: str, ho
                 trainer_version=trainer_version,
                 host=host,
             ),
+            modalities=modalities,
         )
     except (KeyError, TypeError) as err:
         raise ConfigError(f"model.json of {raw.get('class_name')!r} lacks a scoring fact: {err!r}") from None

@@ -20,7 +20,7 @@ import numpy as np
 
 from core.bank_codec import decode
 from core.config import PRESETS, FeaturePreset, PreprocessConfig, ScoreConfig
-from core.errors import ConfigError, CorruptFileError, M3DMError
+from core.errors import ConfigError, CorruptFileError, M3DMError, MissingFileError
 from core.features import FeatureRunners, extract_features
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
 from core.model import BANKS, FrameScorer, FrameScores
@@ -53,7 +53,15 @@ class StationModel:
         return self.score_prepared(self.prepare(raw))
 
     def prepare(self, raw: RawScan) -> PreparedScan:
-        """Stage 1 of `score_raw` (the station pipeline runs each stage on its own thread)."""
+        """Stage 1 of `score_raw` (the station pipeline runs each stage on its own thread).
+
+        An RGB-only model ignores a frame's points (it was trained without them, so plane removal must not
+        touch the rgb either); a model that uses points refuses a frame that has none.
+        """
+        if "point" not in self.manifest.modalities:
+            raw = dataclasses.replace(raw, xyz_hwc_m=None)
+        elif raw.xyz_hwc_m is None:
+            raise MissingFileError("frame has no point cloud, but this model scores rgb + points", raw.source)
         return prepare_scan(raw, self.info.preprocess)
 
     def score_prepared(self, scan: PreparedScan) -> FrameScores:
@@ -62,7 +70,7 @@ class StationModel:
 
     def features(self, scan: PreparedScan) -> PatchFeatures:
         """Stage 2 of `score_raw`: per-patch rgb and point features through the runner backend."""
-        return extract_features(scan, self.info.preset, self.runners)
+        return extract_features(scan, self.info.preset, self.runners, self.manifest.modalities)
 
     def score_features(self, features: PatchFeatures) -> FrameScores:
         """Stage 3 of `score_raw`: UFF, kNN scoring against the banks, DLF."""
@@ -133,7 +141,7 @@ def memory_banks_from_manifest(root: Path, manifest: BundleManifest) -> dict[str
     """Decode every encoded bank to float32 rows: BLAS kNN on decoded rows beats PQ lookup tables on CPU."""
     encoded = load_banks(root, manifest)
     banks = {}
-    for name in BANKS:
+    for name in (b for b in BANKS if b in manifest.banks):  # all three, or "rgb" alone (RGB-only model)
         spec = manifest.banks[name]
         if spec.stats_path is None:
             raise ConfigError(f"bank {name!r} has no per-dimension stats file")
@@ -216,8 +224,9 @@ def station_model_from_manifest(
         for name, ref in manifest.networks.items()
     }
     runners = FeatureRunners(rgb=runner_of.get("rgb"), point=runner_of.get("point"))
-    scorer = scorer_from_manifest(root, manifest, runner_of["uff"], info.score)
-    backend_name = runner_of["uff"].backend
+    # An RGB-only model has no UFF (and with the weight-free preset no graph at all: numpy scoring only).
+    scorer = scorer_from_manifest(root, manifest, runner_of.get("uff"), info.score)
+    backend_name = next((r.backend for r in runner_of.values()), "numpy")
     summary = {
         "bundle_id": manifest.bundle_id,
         "version": manifest.version,
@@ -226,6 +235,7 @@ def station_model_from_manifest(
         "random_weights": manifest.random_weights,
         "backend": backend_name,
         "banks": {n: f"{s.encoding} {s.rows}x{s.dim}" for n, s in manifest.banks.items()},
+        "variants": list(manifest.variants),
     }
     log.info(
         "bundle %s v%s (%s) loaded, backend %s",
@@ -237,16 +247,18 @@ def station_model_from_manifest(
     return StationModel(root, manifest, info, runners, scorer, backend_name, summary)
 
 
-def open_model_folder(model_dir: Path, runners: FeatureRunners, uff: Runner) -> StationModel:
+def open_model_folder(model_dir: Path, runners: FeatureRunners, uff: Runner | None) -> StationModel:
     """A trainer's model folder through the same loader as a bundle: its draft manifest, the caller's
-    (torch) runners. `m3dm eval --model` scores with this; a station never does (drafts are unsigned)."""
+    (torch) runners. `m3dm eval --model` scores with this; a station never does (drafts are unsigned).
+    uff is None for an RGB-only model."""
     from edge.model_store import load_model_info
 
     info = load_model_info(model_dir)
     assert info.manifest is not None
     scorer = scorer_from_manifest(info.root, info.manifest, uff, info.score)
-    summary = {"class": info.class_name, "preset": info.preset.name, "backend": uff.backend, "draft": True}
-    return StationModel(info.root, info.manifest, info, runners, scorer, uff.backend, summary)
+    backend = "torch" if uff is None else uff.backend
+    summary = {"class": info.class_name, "preset": info.preset.name, "backend": backend, "draft": True}
+    return StationModel(info.root, info.manifest, info, runners, scorer, backend, summary)
 
 
 def open_bundle(
@@ -293,18 +305,25 @@ class GoldenResult:
     reason: str = ""  # why it failed: a score off by how much, or an input that could not be scored
 
 
-def golden_scan(root: Path, sample: GoldenSample | str) -> RawScan:
-    """The golden input (.npz with uint8 `rgb` (H,W,3) and float `xyz` (H,W,3)); CorruptFileError if not."""
+def golden_scan(root: Path, sample: GoldenSample | str, needs_xyz: bool = True) -> RawScan:
+    """The golden input (.npz with uint8 `rgb` (H,W,3) and float `xyz` (H,W,3)); CorruptFileError if not.
+
+    needs_xyz=False (an RGB-only model): `xyz` may be absent, and is then None.
+    """
     rel = sample if isinstance(sample, str) else sample.input_path
     path = Path(root) / rel
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = sorted({"rgb", "xyz"} - set(data.files))
+            missing = sorted({"rgb", "xyz"} - set(data.files) - (set() if needs_xyz else {"xyz"}))
             if missing:
                 raise CorruptFileError(f"golden input lacks array(s) {missing}; it holds {data.files}", path)
-            rgb, xyz = data["rgb"], data["xyz"]
+            rgb, xyz = data["rgb"], data["xyz"] if "xyz" in data.files else None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise CorruptFileError(f"unreadable golden input: {type(err).__name__}: {err}", path) from None
+    if xyz is None:
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise CorruptFileError(f"golden input shape rgb {rgb.shape}; need (H,W,3)", path)
+        return RawScan(rgb_hwc_u8=rgb, xyz_hwc_m=None, source=rel)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or xyz.shape != rgb.shape:
         raise CorruptFileError(
             f"golden input shapes rgb {rgb.shape}, xyz {xyz.shape}; need (H,W,3) both", path
@@ -314,7 +333,8 @@ def golden_scan(root: Path, sample: GoldenSample | str) -> RawScan:
 
 def _replay_one(model: StationModel, sample: GoldenSample) -> GoldenResult:
     try:
-        scores = model.score_raw(golden_scan(model.root, sample))
+        needs_xyz = "point" in model.manifest.modalities
+        scores = model.score_raw(golden_scan(model.root, sample, needs_xyz))
     except M3DMError as err:
         log.error("golden %s failed to score: %s", sample.input_path, err)
         nan = float("nan")

@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_SCORE_RULES",
     "INDEX_KINDS",
     "LOCAL_NORM_KEYS",
+    "MODALITIES",
     "PRECISIONS",
     "SCHEMA_VERSION",
     "SIGNATURE_NAME",
@@ -58,6 +59,10 @@ INDEX_KINDS = ("ivf-flat", "hnsw")  # faiss ANN index files a bank may ship with
 IMAGE_SCORE_RULES = ("max_patch", "max_blurred_map", "topk_mean", "local_norm")
 LOCAL_NORM_KEYS = ("row", "position")
 NETWORK_NAMES = ("rgb", "point", "uff")
+# What a model was trained on: M3DM proper (rgb + point clouds), or RGB alone for a class without xyz files,
+# which has the rgb bank only and scores the single "rgb" variant.
+MODALITIES = (("rgb", "point"), ("rgb",))
+ALL_VARIANTS = ("rgb", "point", "fusion", "rgb+point", "rgb+point+fusion")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BUNDLE_ID = re.compile(r"[0-9a-f]{32}")
@@ -397,10 +402,18 @@ class BundleManifest(_Record):
     provenance: Provenance
     golden: list[GoldenSample] = []
     files: dict[str, str] = {}
+    # ("rgb", "point") or ("rgb",): an RGB-only model ships the rgb bank alone and no UFF (see MODALITIES)
+    modalities: tuple[str, ...] = ("rgb", "point")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants this model scores: all five, or ("rgb",) for an RGB-only model."""
+        return ALL_VARIANTS if "point" in self.modalities else ("rgb",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.schema_version == SCHEMA_VERSION, f"unknown schema_version {self.schema_version!r}")
+        _require(self.modalities in MODALITIES, f"modalities must be one of {MODALITIES}: {self.modalities}")
         _require(
             bool(_BUNDLE_ID.fullmatch(self.bundle_id)), f"bundle_id must be uuid4 hex: {self.bundle_id!r}"
         )
@@ -412,7 +425,15 @@ class BundleManifest(_Record):
         _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}: {self.precision!r}")
         unknown = sorted(set(self.networks) - set(NETWORK_NAMES))
         _require(not unknown, f"unknown network name(s) {unknown}; known: {NETWORK_NAMES}")
-        _require("uff" in self.networks, "networks must include 'uff' (every preset fuses features)")
+        if "point" in self.modalities:
+            _require("uff" in self.networks, "networks must include 'uff' (every rgb+point model fuses)")
+        else:
+            banks = sorted(self.banks)
+            _require(banks == ["rgb"], f"an RGB-only model has the rgb bank alone: {banks}")
+            extra = sorted(set(self.networks) - {"rgb"})
+            _require(not extra, f"an RGB-only model has no point network or UFF, got {extra}")
+            _require(not self.scoring.dlf, "an RGB-only model has no decision-layer fusion")
+            _require(self.thresholds.variant == "rgb", "an RGB-only model decides on the 'rgb' variant")
         _require(bool(self.banks), "at least one memory bank is required")
         unscaled = sorted(n for n, b in self.banks.items() if b.local_scale_path is None)
         _require(

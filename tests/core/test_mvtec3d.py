@@ -21,6 +21,9 @@ from core.errors import (
     ShapeError,
 )
 from core.mvtec3d import (
+    RGB_ONLY,
+    RGB_XYZ,
+    class_modalities,
     dataset_summary,
     discover_classes,
     format_summary,
@@ -31,6 +34,7 @@ from core.mvtec3d import (
     read_gt,
     read_rgb,
     read_xyz,
+    xyz_coverage,
 )
 
 H, W = 30, 40
@@ -297,3 +301,18 @@ def test_iter_scans_batches_and_skips_bad_files(tree: Path):
     ]
     with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
         next(iter_scans(refs, batch_size=0))
+
+
+def test_class_modalities_tell_rgb_only_classes_and_refuse_a_mixed_one(tree: Path) -> None:
+    assert class_modalities(tree, "alpha") == RGB_XYZ and xyz_coverage(tree, "alpha") == (10, 10)
+    assert class_modalities(tree, "beta") == RGB_ONLY and xyz_coverage(tree, "beta") == (0, 4)
+    write_sample(tree / "alpha" / "test" / "scratch", "000", seed=70, xyz=False, gt_id=253)
+    assert xyz_coverage(tree, "alpha") == (10, 11)
+    with pytest.raises(
+        MissingFileError,
+        match=r"mixes scans with xyz \(10, e\.g\. alpha/train/good/000\) and without "
+        r"\(1, e\.g\. alpha/test/scratch/000\)",
+    ):
+        class_modalities(tree, "alpha")
+    table = format_summary(dataset_summary(tree), {"alpha": "rgb+xyz", "beta": "RGB-only"})
+    assert table.splitlines()[0].split()[-1] == "data" and table.splitlines()[3].split()[-1] == "RGB-only"

@@ -448,3 +448,49 @@ def test_image_score_rule_defaults_for_old_manifests_and_local_norm_needs_signed
     assert BundleManifest.from_dict(msgspec.structs.replace(
         manifest, files={**manifest.files, "banks/rgb_local.npy": SHA_B}
     ).to_dict()).scoring == local  # fmt: skip
+
+
+def test_an_rgb_only_manifest_carries_its_modality_and_ships_the_rgb_bank_alone() -> None:
+    rgb_only = {"modalities": ("rgb",), "networks": {}, "scoring": ScoringSpec(0.1, 4.0, 3, 224)}
+    sealed = sealed_manifest(
+        **rgb_only,
+        thresholds=Thresholds("rgb", 2.5, 0.01),
+        files={"banks/rgb.npz": SHA_B, "golden/0.npz": SHA_C},
+    )
+    parsed = manifest_from_json(canonical_json(sealed))
+    assert parsed.modalities == ("rgb",) and parsed.variants == ("rgb",)
+    assert b'"modalities":["rgb"]' in canonical_json(sealed)  # the signed bytes say it, for the station
+    # A manifest from before the field existed is an rgb + point model with all five variants.
+    old = {k: v for k, v in sealed_manifest().to_dict().items() if k != "modalities"}
+    assert BundleManifest.from_dict(old).modalities == ("rgb", "point")
+    assert BundleManifest.from_dict(old).variants[-1] == "rgb+point+fusion"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"modalities": ("point",)}, r"modalities must be one of .*: \('point',\)"),
+        (
+            {
+                "banks": {
+                    "rgb": BankSpec("b/r.npy", "fp32", 5, 4, 28),
+                    "point": BankSpec("b/p.npy", "fp32", 5, 4, 56),
+                }
+            },
+            r"RGB-only model has the rgb bank alone: \['point', 'rgb'\]",
+        ),
+        ({"networks": {"uff": ArtifactRef("onnx/uff.onnx")}}, r"no point network or UFF, got \['uff'\]"),
+        ({"thresholds": Thresholds("rgb+point+fusion", 1.0, 0.05)}, "RGB-only model decides on the 'rgb'"),
+        (
+            {
+                "scoring": ScoringSpec(
+                    0.1, 4.0, 3, 224, {}, {"rgb+point": DLFCoefficients((1.0, 2.0), 0.0, (3.0,), 1.5)}
+                )
+            },
+            "RGB-only model has no decision-layer fusion",
+        ),
+    ],
+)
+def test_an_rgb_only_manifest_refuses_what_it_cannot_have(overrides: dict, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        draft_manifest(**{"modalities": ("rgb",), "networks": {}, **overrides})
