@@ -151,7 +151,9 @@ def choose_index(bank: MemoryBank, queries_nc: np.ndarray, cfg: AnnConfig) -> An
 
 def held_out_queries(scorer: FrameScorer, features: list[PatchFeatures]) -> dict[str, np.ndarray]:
     """Raw held-out query rows per bank as the station searches them: every rgb patch, foreground only for
-    point and fusion (background patches never reach the search)."""
+    point and fusion (background patches never reach the search). An RGB-only scorer: rgb rows alone."""
+    if scorer.rgb_only:
+        return {"rgb": np.concatenate([f.rgb_hwc.reshape(-1, f.rgb_hwc.shape[-1]) for f in features])}
     rows: dict[str, list[np.ndarray]] = {"rgb": [], "point": [], "fusion": []}
     for feats in features:
         point = feats.point_hwc.reshape(-1, feats.point_hwc.shape[-1])

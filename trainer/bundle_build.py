@@ -49,12 +49,13 @@ GOLDEN_COUNT = 3
 def bank_encodings(info: ModelInfo, encoding: str | None, budget_mb: float | None) -> dict[str, str]:
     if encoding is not None and budget_mb is not None:
         raise ConfigError("give --bank-encoding or --bank-budget-mb, not both")
+    names = [n for n in BANKS if n in info.raw["banks"]]  # "rgb" alone for an RGB-only model
     if encoding is not None:
-        return dict.fromkeys(BANKS, encoding)
+        return dict.fromkeys(names, encoding)
     if budget_mb is not None:
-        shapes = {n: (info.raw["banks"][n]["rows"], info.raw["banks"][n]["dim"]) for n in BANKS}
+        shapes = {n: (info.raw["banks"][n]["rows"], info.raw["banks"][n]["dim"]) for n in names}
         return choose_encoding_for_budget(shapes, budget_mb)
-    return dict.fromkeys(BANKS, "fp32")
+    return dict.fromkeys(names, "fp32")
 
 
 def stage_banks(info: ModelInfo, encodings: dict[str, str], staging: Path) -> dict[str, BankSpec]:
@@ -134,7 +135,9 @@ def stage_golden_inputs(data_root: Path | None, class_name: str, staging: Path) 
         raw = load_scan(ref)
         rel = f"golden/{i:03d}_{ref.defect_type}.npz"
         (staging / "golden").mkdir(exist_ok=True)
-        np.savez_compressed(staging / rel, rgb=raw.rgb_hwc_u8, xyz=raw.xyz_hwc_m)
+        # An RGB-only class has no points: its golden input is the rgb array alone.
+        arrays = {"rgb": raw.rgb_hwc_u8} | ({} if raw.xyz_hwc_m is None else {"xyz": raw.xyz_hwc_m})
+        np.savez_compressed(staging / rel, **arrays)
         paths.append(rel)
     return paths
 
@@ -142,13 +145,14 @@ def stage_golden_inputs(data_root: Path | None, class_name: str, staging: Path) 
 def golden_samples(staging: Path, manifest: BundleManifest, inputs: list[str]) -> list[GoldenSample]:
     """Expected outputs, computed by the station's own loader on exactly the staged files (ONNX Runtime)."""
     model = station_model_from_manifest(staging, manifest, backend="ort")
+    variant, needs_xyz = manifest.thresholds.variant, "point" in manifest.modalities
     samples = []
     for rel in inputs:
-        scores = model.score_raw(golden_scan(staging, rel))
-        image, map_hw = scores.image[DECISION_VARIANT], scores.maps[DECISION_VARIANT]
+        scores = model.score_raw(golden_scan(staging, rel, needs_xyz))
+        image, map_hw = scores.image[variant], scores.maps[variant]
         tol = max(1e-4, 1e-3 * abs(image))
         samples.append(
-            GoldenSample(rel, image, golden_map_sha256(map_hw), float(map_hw.mean()), tol, DECISION_VARIANT)
+            GoldenSample(rel, image, golden_map_sha256(map_hw), float(map_hw.mean()), tol, variant)
         )
     return samples
 
@@ -165,12 +169,14 @@ def cross_check_golden(
 
     info = info_from_manifest(staging, manifest)
     runners = build_feature_runners(info.preset, WeightPaths(weights_dir=weights_dir), Path(model_dir))
-    uff = uff_runner(load_uff(Path(model_dir) / "uff.safetensors"))
+    uff = uff_runner(load_uff(Path(model_dir) / "uff.safetensors")) if "uff" in manifest.networks else None
     scorer = scorer_from_manifest(staging, manifest, uff, info.score)
     trainer_model = StationModel(staging, manifest, info, runners, scorer, "torch")
     checked = []
     for sample in manifest.golden:
-        scores = trainer_model.score_raw(golden_scan(staging, sample.input_path))
+        scores = trainer_model.score_raw(
+            golden_scan(staging, sample.input_path, "point" in manifest.modalities)
+        )
         image = scores.image[sample.variant]
         map_mean = float(scores.maps[sample.variant].mean())
         off = max(abs(image - sample.expected_image_score), abs(map_mean - sample.expected_map_mean))

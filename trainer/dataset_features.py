@@ -6,15 +6,15 @@ The same `core.preprocess` and `core.features` functions that a station runs are
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from core.config import FeaturePreset, PreprocessConfig
-from core.errors import InputError
+from core.errors import ConfigError, InputError
 from core.features import FeatureRunners, extract_features
-from core.mvtec3d import SampleRef, list_samples, load_scan
+from core.mvtec3d import RGB_XYZ, SampleRef, list_samples, load_scan
 from core.preprocess import prepare_scan
 from core.scan import PatchFeatures
 from trainer.progress import track
@@ -48,14 +48,26 @@ def extract_split(
     preprocess: PreprocessConfig,
     runners: FeatureRunners,
     keep_images: bool = False,
+    modalities: tuple[str, ...] = RGB_XYZ,
 ) -> SplitFeatures:
-    """Features for every readable sample of one split; unreadable ones are logged and skipped."""
+    """Features for every readable sample of one split; unreadable ones are logged and skipped.
+
+    modalities RGB_ONLY: an RGB-only model's features (rgb grid alone); xyz files, if any, are not read, as
+    a station running that model ignores a frame's points. RGB_XYZ needs every sample's xyz file.
+    """
     out = SplitFeatures()
     refs = list_samples(root, class_name, split)
+    if "point" in modalities and any(ref.xyz_path is None for ref in refs):
+        lacking = next(ref for ref in refs if ref.xyz_path is None)
+        raise ConfigError(
+            f"{lacking.sample_id} has no xyz file, but this model uses point clouds; "
+            "score RGB-only data with a model trained RGB-only"
+        )
     for ref in track(refs, f"{class_name}/{split} features", total=len(refs)):
         try:
-            scan = prepare_scan(load_scan(ref), preprocess)
-            feats = extract_features(scan, preset, runners)
+            raw = load_scan(ref if "point" in modalities else replace(ref, xyz_path=None))
+            scan = prepare_scan(raw, preprocess)
+            feats = extract_features(scan, preset, runners, modalities)
         except InputError as err:
             log.warning("skipping %s: %s", ref.rgb_path, err)
             out.skipped.append((str(ref.rgb_path), str(err)))

@@ -16,8 +16,8 @@ import numpy as np
 
 from core.config import SITE_BACKBONE
 from core.features import FeatureRunners
-from core.model import VARIANTS, FrameScorer
-from edge.model_store import ModelInfo, load_model_info
+from core.model import FrameScorer
+from edge.model_store import DECISION_VARIANT, ModelInfo, load_model_info
 from trainer.dataset_features import SplitFeatures, extract_split
 from trainer.metrics import VariantMetrics, evaluate_variant
 from trainer.progress import track
@@ -43,26 +43,28 @@ class ScoredSplit:
 
 
 def score_split(split: SplitFeatures, scorer: FrameScorer) -> ScoredSplit:
-    image: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    maps: dict[str, list[np.ndarray]] = {v: [] for v in VARIANTS}
+    """Every variant the scorer has (five, or "rgb" alone for an RGB-only model) on every scan."""
+    variants = scorer.variants
+    image: dict[str, list[float]] = {v: [] for v in variants}
+    maps: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     t0 = time.perf_counter()
     for feats in track(split.features, "scoring", total=len(split.features)):
         scores = scorer.score(feats)
-        for v in VARIANTS:
+        for v in variants:
             image[v].append(scores.image[v])
             maps[v].append(scores.maps[v].astype(np.float32))
     ms = 1000 * (time.perf_counter() - t0) / max(len(split.features), 1)
     return ScoredSplit(
         split=split,
-        image={v: np.asarray(image[v]) for v in VARIANTS},
-        maps={v: np.stack(maps[v]) for v in VARIANTS},
+        image={v: np.asarray(image[v]) for v in variants},
+        maps={v: np.stack(maps[v]) for v in variants},
         score_ms=ms,
     )
 
 
 def metrics_of(scored: ScoredSplit) -> dict[str, VariantMetrics]:
     labels, masks = scored.split.labels, scored.split.masks_nhw()
-    return {v: evaluate_variant(labels, scored.image[v], masks, scored.maps[v]) for v in VARIANTS}
+    return {v: evaluate_variant(labels, scored.image[v], masks, scored.maps[v]) for v in scored.image}
 
 
 def write_class_report(out_dir: Path, class_name: str, scored: ScoredSplit, info: ModelInfo) -> None:
@@ -71,7 +73,8 @@ def write_class_report(out_dir: Path, class_name: str, scored: ScoredSplit, info
     split = scored.split
     plot_roc_curves(out_dir / "roc.png", split.labels, scored.image, f"{class_name}: image ROC")
     plot_pro_curves(out_dir / "pro.png", split.masks_nhw(), scored.maps, f"{class_name}: PRO")
-    full = scored.maps["rgb+point+fusion"]
+    decision = info.manifest.thresholds.variant if info.manifest is not None else DECISION_VARIANT
+    full = scored.maps[decision]
     order = _overlay_sample(split.labels, max_images=8)
     names = [f"{split.refs[i].defect_type}_{split.refs[i].stem}" for i in order]
     write_heatmap_overlays(
@@ -84,7 +87,7 @@ def write_class_report(out_dir: Path, class_name: str, scored: ScoredSplit, info
         max_images=len(order),
         vmin=float(np.percentile(full, 1)),
         vmax=float(np.percentile(full, 99.9)),
-        image_scores=[float(scored.image["rgb+point+fusion"][i]) for i in order],
+        image_scores=[float(scored.image[decision][i]) for i in order],
     )
 
 
@@ -117,8 +120,16 @@ def class_dirs(model: Path) -> list[Path]:
 def evaluate_class(
     data_root: Path, info: ModelInfo, runners: FeatureRunners, scorer: FrameScorer, report_dir: Path | None
 ) -> tuple[dict[str, VariantMetrics], ScoredSplit]:
+    modalities = info.manifest.modalities if info.manifest is not None else ("rgb", "point")
     split = extract_split(
-        data_root, info.class_name, "test", info.preset, info.preprocess, runners, keep_images=True
+        data_root,
+        info.class_name,
+        "test",
+        info.preset,
+        info.preprocess,
+        runners,
+        keep_images=True,
+        modalities=modalities,
     )
     scored = score_split(split, scorer)
     metrics = metrics_of(scored)
@@ -185,9 +196,9 @@ def evaluate_models(
             runners_by_preset[key] = build_feature_runners(info.preset, weights, class_dir)
         runners = runners_by_preset[key]
         # The one loader a station uses too (draft manifest instead of a signed one), with torch runners.
-        model_view = open_model_folder(
-            class_dir, runners, uff_runner(load_uff(class_dir / "uff.safetensors"))
-        )
+        rgb_only = info.raw.get("uff") is None and info.raw.get("modalities") == ["rgb"]
+        uff = None if rgb_only else uff_runner(load_uff(class_dir / "uff.safetensors"))
+        model_view = open_model_folder(class_dir, runners, uff)
         info, scorer = model_view.info, model_view.scorer
         metrics, scored = evaluate_class(data_root, info, runners, scorer, report_dir)
         results[info.class_name] = metrics

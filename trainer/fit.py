@@ -18,7 +18,8 @@ import numpy as np
 from core.config import FitConfig
 from core.errors import InputError
 from core.features import FeatureRunners
-from core.model import BANKS, FrameScorer
+from core.model import FrameScorer
+from core.mvtec3d import RGB_ONLY, class_modalities
 from core.scan import PatchFeatures
 from trainer.ann import AnnConfig, attach_indexes, held_out_queries, index_entry
 from trainer.coreset import build_memory_bank
@@ -28,7 +29,7 @@ from trainer.local_scale import attach_local_scales
 from trainer.model_io import bank_to_files, normaliser_to_dict, svm_to_dict, write_model_json
 from trainer.models.uff import UFFExport
 from trainer.progress import track
-from trainer.thresholds import cross_fitted_thresholds
+from trainer.thresholds import ThresholdReport, cross_fitted_thresholds, held_out_threshold
 from trainer.torch_runner import TorchRunner
 from trainer.train_uff import save_uff, train_uff
 
@@ -110,29 +111,32 @@ def fit_class(
     runners: FeatureRunners,
     out_dir: Path,
     ann: AnnConfig | None = None,
+    coreset_device: str = "cpu",
 ) -> dict[str, Any]:
     """Fit and write `out_dir/model.json` with banks, UFF and DLF. Returns a summary with stage timings.
 
     ann: per-bank ANN choice (default AnnConfig(): exact below 20k rows, else recall@1 >= 0.99).
+    coreset_device: torch device of the greedy coreset selection.
+    A class without xyz files (core.mvtec3d.class_modalities) is fitted RGB-only: the rgb bank alone, no
+    UFF, point or fusion bank, no DLF; its one variant "rgb" gets the threshold. A mixed class is refused.
     """
+    modalities = class_modalities(data_root, class_name)
+    if modalities == RGB_ONLY:
+        log.info(
+            "class %s is RGB-only (no xyz/ files): training the RGB bank alone; UFF, point and fusion banks "
+            "and DLF are not trained, and the model scores the 'rgb' variant only",
+            class_name,
+        )
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    train = extract_split(data_root, class_name, "train", cfg.preset, cfg.preprocess, runners)
-    held = extract_split(data_root, class_name, "validation", cfg.preset, cfg.preprocess, runners)
-    timings["features_s"] = time.perf_counter() - t0
-    if not held.refs and len(train.features) >= 6:
-        train, held = split_off_validation(train, class_name)
-    if len(train.features) < 2:
-        raise InputError(f"class {class_name}: fewer than 2 usable training scans", data_root / class_name)
-    if len(held.features) < 2:
-        raise InputError(f"class {class_name}: DLF needs at least 2 validation scans", data_root / class_name)
-
+    train, held = _train_and_held_features(data_root, class_name, cfg, runners, modalities, timings)
     t0 = time.perf_counter()
     point_nhwc, rgb_nhwc = stack_features(train.features)
-    banks = {
-        "rgb": bank_from_grids("rgb", rgb_nhwc, cfg.coreset.rgb_fraction, cfg),
-        "point": bank_from_grids("point", point_nhwc, cfg.coreset.point_fraction, cfg),
-    }
+    banks = {"rgb": bank_from_grids("rgb", rgb_nhwc, cfg.coreset.rgb_fraction, cfg, coreset_device)}
+    if modalities == RGB_ONLY:
+        timings["banks_s"] = time.perf_counter() - t0
+        fitted = (banks, train, held, out_dir, ann, timings)
+        return _fit_rgb_only(data_root, class_name, cfg, *fitted, coreset_device)
+    banks["point"] = bank_from_grids("point", point_nhwc, cfg.coreset.point_fraction, cfg, coreset_device)
     timings["banks_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -143,7 +147,8 @@ def fit_class(
     t0 = time.perf_counter()
     fusion_scorer = provisional_scorer({**banks, "fusion": banks["point"]}, uff, cfg)
     fused_nhwc = np.stack([fusion_scorer.fused_features(f) for f in train.features])
-    banks["fusion"] = bank_from_grids("fusion", fused_nhwc, cfg.coreset.fusion_fraction, cfg)
+    fraction = cfg.coreset.fusion_fraction
+    banks["fusion"] = bank_from_grids("fusion", fused_nhwc, fraction, cfg, coreset_device)
     if cfg.score.image_rule == "local_norm":  # its scales, from leave-one-image-out training distances
         grids = {"rgb": rgb_nhwc, "point": point_nhwc, "fusion": fused_nhwc}
         banks = attach_local_scales(banks, grids, cfg.score.local_key)
@@ -163,23 +168,118 @@ def fit_class(
     dlf = fit_dlf(held_image, held_maps, normaliser, cfg.dlf, cfg.score)
     # Thresholds from out-of-fold scores: the normaliser and DLF above saw every validation scan.
     threshold_reports = cross_fitted_thresholds(held_image, held_maps, banks, uff, cfg)
-    thresholds = {v: report.threshold for v, report in threshold_reports.items()}
-    full = threshold_reports.get("rgb+point+fusion")
-    if full is not None and full.expected_false_reject_rate > 2 * cfg.false_reject_rate:
-        log.info(
-            "class %s: %d validation normals support a false-reject rate of ~%.1f%% (<= %.1f%% at 95%%), "
-            "not the %.1f%% asked for; more validation scans tighten it",
-            class_name,
-            full.n_normals,
-            100 * full.expected_false_reject_rate,
-            100 * full.interval_95[1],
-            100 * cfg.false_reject_rate,
-        )
+    _log_supported_rate(class_name, threshold_reports.get("rgb+point+fusion"), cfg)
     timings["dlf_s"] = time.perf_counter() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_uff(block, out_dir / "uff.safetensors")
-    payload = {
+    finite = [v for v in history[-3:] if np.isfinite(v)] or [v for v in history if np.isfinite(v)]
+    payload = _payload(data_root, class_name, cfg, banks, ann_choices, out_dir, ann, train, held, timings)
+    payload |= {
+        "modalities": list(modalities),
+        "uff": {"file": "uff.safetensors", "dims_file": "uff.json", "final_loss": float(np.mean(finite))},
+        "normaliser": normaliser_to_dict(normaliser),
+        "dlf": {v: {"image": svm_to_dict(i), "pixel": svm_to_dict(p)} for v, (i, p) in dlf.items()},
+        **_threshold_entries(threshold_reports, cfg),
+    }
+    payload["fit"]["coreset_device"] = coreset_device
+    return _write(out_dir, class_name, payload, timings)
+
+
+def _train_and_held_features(
+    data_root: Path,
+    class_name: str,
+    cfg: FitConfig,
+    runners: FeatureRunners,
+    modalities: tuple[str, ...],
+    timings: dict[str, float],
+) -> tuple[SplitFeatures, SplitFeatures]:
+    """Training and held-out features (the last fifth of train when there is no validation split)."""
+    t0 = time.perf_counter()
+    args = (cfg.preset, cfg.preprocess, runners)
+    train = extract_split(data_root, class_name, "train", *args, modalities=modalities)
+    held = extract_split(data_root, class_name, "validation", *args, modalities=modalities)
+    timings["features_s"] = time.perf_counter() - t0
+    if not held.refs and len(train.features) >= 6:
+        train, held = split_off_validation(train, class_name)
+    if len(train.features) < 2:
+        raise InputError(f"class {class_name}: fewer than 2 usable training scans", data_root / class_name)
+    if len(held.features) < 2:
+        raise InputError(f"class {class_name}: DLF needs at least 2 validation scans", data_root / class_name)
+    return train, held
+
+
+def _fit_rgb_only(
+    data_root: Path,
+    class_name: str,
+    cfg: FitConfig,
+    banks: dict[str, Any],
+    train: SplitFeatures,
+    held: SplitFeatures,
+    out_dir: Path,
+    ann: AnnConfig | None,
+    timings: dict[str, float],
+    coreset_device: str,
+) -> dict[str, Any]:
+    """The rest of an RGB-only fit: ANN choice, held-out rgb scores, threshold; no UFF, no DLF."""
+    t0 = time.perf_counter()
+    scorer = provisional_scorer(banks, None, cfg)
+    banks, ann_choices = attach_indexes(banks, held_out_queries(scorer, held.features), ann or AnnConfig())
+    timings["ann_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    held_image, _ = held_out_bank_scores(provisional_scorer(banks, None, cfg), held)
+    # Nothing is fitted on the validation scans, so their raw rgb scores are already out of sample.
+    reports = {"rgb": held_out_threshold(held_image[:, 0], cfg.false_reject_rate)}
+    _log_supported_rate(class_name, reports["rgb"], cfg)
+    timings["threshold_s"] = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = _payload(data_root, class_name, cfg, banks, ann_choices, out_dir, ann, train, held, timings)
+    payload |= {
+        "modalities": list(RGB_ONLY),
+        "uff": None,
+        "normaliser": None,
+        "dlf": {},
+        **_threshold_entries(reports, cfg),
+    }
+    payload["fit"]["coreset_device"] = coreset_device
+    return _write(out_dir, class_name, payload, timings)
+
+
+def _log_supported_rate(class_name: str, report: ThresholdReport | None, cfg: FitConfig) -> None:
+    if report is not None and report.expected_false_reject_rate > 2 * cfg.false_reject_rate:
+        log.info(
+            "class %s: %d validation normals support a false-reject rate of ~%.1f%% (<= %.1f%% at 95%%), "
+            "not the %.1f%% asked for; more validation scans tighten it",
+            class_name,
+            report.n_normals,
+            100 * report.expected_false_reject_rate,
+            100 * report.interval_95[1],
+            100 * cfg.false_reject_rate,
+        )
+
+
+def _threshold_entries(reports: dict[str, ThresholdReport], cfg: FitConfig) -> dict[str, Any]:
+    return {
+        "thresholds": {v: report.threshold for v, report in reports.items()},
+        "false_reject_rate": cfg.false_reject_rate,
+        "threshold_report": {v: r.to_dict() for v, r in reports.items()},
+    }
+
+
+def _payload(
+    data_root: Path,
+    class_name: str,
+    cfg: FitConfig,
+    banks: dict[str, Any],
+    ann_choices: dict[str, Any],
+    out_dir: Path,
+    ann: AnnConfig | None,
+    train: SplitFeatures,
+    held: SplitFeatures,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """model.json entries every fit has: configs, bank files (with their ANN index), provenance."""
+    return {
         "class_name": class_name,
         "preset": asdict(cfg.preset),
         "preprocess": asdict(cfg.preprocess),
@@ -192,20 +292,9 @@ def fit_class(
             "seed": cfg.seed,
         },
         "banks": {
-            name: bank_to_files(banks[name], out_dir)
-            | {"index": index_entry(ann_choices[name], name, out_dir)}
-            for name in BANKS
+            name: bank_to_files(bank, out_dir) | {"index": index_entry(ann_choices[name], name, out_dir)}
+            for name, bank in banks.items()
         },
-        "uff": {
-            "file": "uff.safetensors",
-            "dims_file": "uff.json",
-            "final_loss": float(np.nanmean(history[-3:])),
-        },
-        "normaliser": normaliser_to_dict(normaliser),
-        "dlf": {v: {"image": svm_to_dict(i), "pixel": svm_to_dict(p)} for v, (i, p) in dlf.items()},
-        "thresholds": thresholds,
-        "false_reject_rate": cfg.false_reject_rate,
-        "threshold_report": {v: r.to_dict() for v, r in threshold_reports.items()},
         "provenance": {
             "data_root": str(data_root),
             "train_count": len(train.features),
@@ -217,6 +306,17 @@ def fit_class(
         },
         "timings_s": timings,
     }
+
+
+def _write(
+    out_dir: Path, class_name: str, payload: dict[str, Any], timings: dict[str, float]
+) -> dict[str, Any]:
     write_model_json(out_dir, payload)
     log.info("class %s fitted in %.1f s -> %s", class_name, sum(timings.values()), out_dir)
-    return {"class": class_name, "model_dir": str(out_dir), "timings_s": timings, "thresholds": thresholds}
+    return {
+        "class": class_name,
+        "model_dir": str(out_dir),
+        "modalities": payload["modalities"],
+        "timings_s": timings,
+        "thresholds": payload["thresholds"],
+    }

@@ -42,6 +42,7 @@ def train_classes(
     coreset: CoresetConfig | None = None,
     false_reject_rate: float = 0.01,
     point_bn: str | None = None,
+    coreset_device: str = "cpu",
     site: Any = None,
 ) -> dict[str, Any]:
     """Fit each class into `out/<class>/`; check weights and options before reading any data.
@@ -50,12 +51,14 @@ def train_classes(
     first trains its rgb encoder on each class's training normals into the class folder.
 
     point_bn overrides the preset's Point-MAE BatchNorm mode ("batch" | "stored"); the mode is recorded with
-    the preset in model.json and baked into the exported ONNX graph.
+    the preset in model.json and baked into the exported ONNX graph. coreset_device: torch device of the
+    greedy coreset selection (checked before any data is read).
     """
     from dataclasses import replace
 
     from core.config import score_config_for
     from trainer.backbones import WeightPaths, build_feature_runners, check_weights_available
+    from trainer.coreset import check_device
     from trainer.fit import fit_class
 
     preset = get_preset(preset_name)
@@ -70,6 +73,7 @@ def train_classes(
         )
     weights = WeightPaths(weights_dir=weights_dir)
     check_weights_available(preset, weights)
+    check_device(coreset_device)
     classes = resolve_classes(data_root, class_names, all_classes)
     if uff_epochs is not None and uff_epochs < 1:
         # 0 divides by zero in the warm-up schedule, a negative count trains nothing and saves noise
@@ -104,7 +108,11 @@ def train_classes(
             )
             site_s = time.perf_counter() - t_site
             class_runners = build_feature_runners(preset, weights, out / class_name)
-        summaries.append(fit_class(data_root, class_name, cfg, class_runners, out / class_name))
+        summaries.append(
+            fit_class(
+                data_root, class_name, cfg, class_runners, out / class_name, coreset_device=coreset_device
+            )
+        )
         if site_s is not None:
             summaries[-1]["site_train_s"] = site_s
     summary = {"preset": preset.name, "classes": summaries, "seconds": time.perf_counter() - t0}
@@ -143,6 +151,9 @@ def _real_network_inputs(info: Any) -> dict[str, Any]:
     data_root = Path(info.raw.get("provenance", {}).get("data_root", ""))
     try:
         scan = prepare_scan(load_scan(list_samples(data_root, info.class_name, "train")[0]), info.preprocess)
+        if info.manifest is not None and "point" not in info.manifest.modalities:
+            log.info("parity inputs: real scan %s (rgb only)", scan.source)
+            return {"image": scan.rgb_chw[None]}
         points = scan.xyz_hwc_m.reshape(-1, 3)[scan.valid_hw.reshape(-1)]
         neighborhood, centers = group_points(points, preset.num_groups, preset.group_size)
         log.info("parity inputs: real scan %s", scan.source)
@@ -176,13 +187,15 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
     preset, weights = info.preset, WeightPaths(weights_dir=weights_dir)
     onnx_dir = class_dir / "onnx"
     jobs: list[tuple[str, Any, dict[str, np.ndarray], list[str]]] = []
-    uff_inputs = _uff_real_inputs(class_dir, info)
-    jobs.append(("uff", UFFExport(load_uff(class_dir / "uff.safetensors")), uff_inputs, ["fused"]))
+    rgb_only = info.manifest is not None and "point" not in info.manifest.modalities
+    if not rgb_only:  # an RGB-only model has no UFF and no point network to export
+        uff_inputs = _uff_real_inputs(class_dir, info)
+        jobs.append(("uff", UFFExport(load_uff(class_dir / "uff.safetensors")), uff_inputs, ["fused"]))
     real = _real_network_inputs(info)
     if preset.rgb_backbone != "free":
         rgb_module = rgb_module_for_export(preset, weights, class_dir)
         jobs.append(("rgb", rgb_module, {"image": real["image"]}, ["tokens"]))
-    if preset.point_backbone != "free":
+    if preset.point_backbone != "free" and not rgb_only:
         point_inputs = {"neighborhood": real["neighborhood"], "centers": real["centers"]}
         jobs.append(("point", point_module_for_export(preset, weights), point_inputs, ["group_features"]))
     networks, parity = {}, {}

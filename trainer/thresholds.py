@@ -30,6 +30,7 @@ __all__ = [
     "cross_fitted_thresholds",
     "exceedance_of_order_statistic",
     "fold_indices",
+    "held_out_threshold",
 ]
 
 
@@ -100,19 +101,32 @@ def cross_fitted_thresholds(
     n = held_image_nb.shape[0]
     folds = max(2, min(5, n))
     out_of_fold = _out_of_fold_scores(held_image_nb, held_maps_nbhw, banks, uff, cfg, folds)
-    reports = {}
-    for variant, scores_n in out_of_fold.items():
-        threshold = threshold_at_false_reject_rate(scores_n, cfg.false_reject_rate)
-        k = int((scores_n <= threshold).sum())
-        expected, upper = exceedance_of_order_statistic(k, n)
-        reports[variant] = ThresholdReport(
-            threshold=threshold,
-            folds=folds,
-            n_normals=n,
-            order_statistic=k,
-            out_of_fold_rejects=n - k,
-            expected_false_reject_rate=expected,
-            interval_95=(0.0, upper),
-            score_quantiles=tuple(float(q) for q in np.quantile(scores_n, np.linspace(0.0, 1.0, 21))),
-        )
-    return reports
+    return {
+        variant: _report(scores_n, cfg.false_reject_rate, folds) for variant, scores_n in out_of_fold.items()
+    }
+
+
+def held_out_threshold(scores_n: np.ndarray, false_reject_rate: float) -> ThresholdReport:
+    """Threshold and expected false-reject rate from (N,) held-out normal scores nothing was fitted on.
+
+    An RGB-only model's "rgb" score is the raw rgb-bank score (no normaliser, no DLF), so the validation
+    scores are out of sample as they are; `folds` is 1 (no cross-fitting needed).
+    """
+    return _report(np.asarray(scores_n, dtype=np.float64), false_reject_rate, folds=1)
+
+
+def _report(scores_n: np.ndarray, false_reject_rate: float, folds: int) -> ThresholdReport:
+    n = scores_n.shape[0]
+    threshold = threshold_at_false_reject_rate(scores_n, false_reject_rate)
+    k = int((scores_n <= threshold).sum())
+    expected, upper = exceedance_of_order_statistic(k, n)
+    return ThresholdReport(
+        threshold=threshold,
+        folds=folds,
+        n_normals=n,
+        order_statistic=k,
+        out_of_fold_rejects=n - k,
+        expected_false_reject_rate=expected,
+        interval_95=(0.0, upper),
+        score_quantiles=tuple(float(q) for q in np.quantile(scores_n, np.linspace(0.0, 1.0, 21))),
+    )
