@@ -62,8 +62,8 @@ class SiteConfig:
     warmup_steps: int = 15
     anomaly_prob: float = 0.5  # share of images in a batch that get a synthetic anomaly
     recon_weight: float = 1.0
-    # Training crops (multiple of 16): a 64 px crop costs a twelfth of a full image, and BatchNorm in eval mode
-    # makes full-image features consistent with crop training; every step sees different parts and placements.
+    # Training crops (multiple of 16): a 64 px crop costs a twelfth of a full image, and eval-mode BatchNorm
+    # keeps full-image features consistent with crop training; each step sees other parts and placements.
     crop_px: int = 64
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
