@@ -109,7 +109,7 @@ class FeaturePreset:
 FREE_RGB_DIM = 35
 FREE_POINT_DIM = 9
 
-# `m3dm-site`: an rgb CNN trained per class on its own normals (trainer/site); the station runs its ONNX graph.
+# `m3dm-site`: an rgb CNN trained per class on its own normals (trainer/site); stations run its ONNX graph.
 SITE_BACKBONE = "site_cnn"
 SITE_WIDTH = 32  # base channels of trainer.site.model.SiteEncoder
 SITE_RGB_DIM = 7 * SITE_WIDTH  # its tokens: stride-4, -8 and -16 maps (1 + 2 + 4 widths) on the 28x28 grid
