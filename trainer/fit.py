@@ -133,6 +133,8 @@ def fit_class(
     point_nhwc, rgb_nhwc = stack_features(train.features)
     banks = {"rgb": bank_from_grids("rgb", rgb_nhwc, cfg.coreset.rgb_fraction, cfg, coreset_device)}
     if modalities == RGB_ONLY:
+        if cfg.score.image_rule == "local_norm":  # the rgb bank's scales, as for a full model below
+            banks = attach_local_scales(banks, {"rgb": rgb_nhwc}, cfg.score.local_key)
         timings["banks_s"] = time.perf_counter() - t0
         fitted = (banks, train, held, out_dir, ann, timings)
         return _fit_rgb_only(data_root, class_name, cfg, *fitted, coreset_device)

@@ -179,3 +179,22 @@ def test_an_rgb_only_bundle_ships_the_rgb_variant_and_the_station_scores_rgb_onl
     result, _ = scored_result(frame, slot.current(), scores, {}, ResultOptions("s1"), with_map=False)
     assert result.variant == "rgb" and result.bank_scores == {"rgb": pytest.approx(scores.image["rgb"])}
     assert result.decision == ("NOK" if scores.image["rgb"] > manifest.thresholds.image_threshold else "OK")
+
+
+def test_an_rgb_only_fit_with_the_local_norm_rule_ships_the_rgb_bank_scales(
+    rgb_only_dataset: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from core.config import ScoreConfig
+    from core.mvtec3d import list_samples, load_scan
+    from edge.station_model import open_model_folder
+
+    cfg = FitConfig(preset=get_preset("m3dm-free"), score=replace(ScoreConfig(), image_rule="local_norm"))
+    fit_class(rgb_only_dataset, CLASS_NAMES[0], cfg, FeatureRunners(), tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert raw["banks"]["rgb"]["local_scale_file"] == "banks/rgb_local_scale.npy"
+    model = open_model_folder(tmp_path / "m", FeatureRunners(), None)
+    assert model.scorer.banks["rgb"].local_scale_k is not None
+    scan = load_scan(list_samples(rgb_only_dataset, CLASS_NAMES[0], "test")[0])
+    assert np.isfinite(model.score_raw(scan).image["rgb"])

@@ -54,3 +54,18 @@ def test_false_reject_rate_on_fresh_normals_lies_within_the_reported_interval(fl
     rejected = float(np.mean(np.array(scores) > threshold.image_threshold))
     low, high = report[threshold.variant]["interval_95"]
     assert low <= rejected <= high, (rejected, (low, high))
+
+
+def test_an_rgb_only_threshold_reads_the_order_statistic_of_raw_held_out_scores() -> None:
+    from trainer.thresholds import held_out_threshold
+
+    scores_n = np.arange(1.0, 21.0)  # 20 validation normals, nothing fitted on them
+    report = held_out_threshold(scores_n, false_reject_rate=0.1)
+    k = report.order_statistic
+    assert report.folds == 1 and report.n_normals == 20
+    assert report.threshold == scores_n[k - 1] and report.out_of_fold_rejects == int(
+        (scores_n > report.threshold).sum()
+    )
+    assert report.out_of_fold_rejects == 1  # the "higher" 90 % quantile (19): at most 10 % of 20 above it
+    assert report.expected_false_reject_rate == pytest.approx((20 + 1 - k) / 21)
+    assert report.score_quantiles[0] == 1.0 and report.score_quantiles[-1] == 20.0
