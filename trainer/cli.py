@@ -312,7 +312,9 @@ def _site_config(seed: int, steps: int | None, device: str):  # noqa: ANN202 - S
 @app.command("eval")
 @cli_errors
 def evaluate(
-    data: Annotated[Path, typer.Option(help="Data-set root (MVTec 3D-AD layout).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Data-set root (MVTec 3D-AD layout); not with --seeds.")
+    ] = None,
     model: Annotated[Path | None, typer.Option(help="Model folder from `m3dm train` (torch path).")] = None,
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle dir or tar (ONNX Runtime station path).")
@@ -327,11 +329,37 @@ def evaluate(
             help="A/B of Point-MAE BatchNorm: refit with this mode (batch|stored) and compare with --model."
         ),
     ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Seed sweep, e.g. 0,1,2: per seed generate data, train and evaluate; print mean ± sd "
+            "over seeds. Writes everything under --out (default runs/sweep)."
+        ),
+    ] = None,
+    family: Annotated[
+        list[str] | None, typer.Option(help="With --seeds: generated family a and/or b (default both).")
+    ] = None,
+    sweep_classes: Annotated[
+        list[str] | None, typer.Option("--class", help="With --seeds: only these classes (any family).")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="With --seeds: the preset to train.")] = "m3dm-free",
+    size: Annotated[int, typer.Option(help="With --seeds: generated image size in pixels.")] = 400,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full results as JSON.")] = False,
 ) -> None:
     """Five-variant I-AUROC / P-AUROC / AUPRO tables, curves and heatmap overlays."""
     from trainer.evaluate import evaluate_bundle, evaluate_models
 
+    if seeds is not None:
+        if data is not None or model is not None or bundle is not None:
+            typer.echo(
+                "error: --seeds generates its own data and models; drop --data/--model/--bundle", err=True
+            )
+            raise typer.Exit(2)
+        _seed_sweep(out or Path("runs/sweep"), seeds, family, sweep_classes, preset, size, as_json)
+        return
+    if data is None:
+        typer.echo("error: give --data (or --seeds for a sweep on generated data)", err=True)
+        raise typer.Exit(2)
     if (model is None) == (bundle is None):
         typer.echo("error: give exactly one of --model or --bundle", err=True)
         raise typer.Exit(2)
@@ -351,6 +379,33 @@ def evaluate(
         emit_json(results)
     else:
         typer.echo(results.get("markdown", ""))
+
+
+def _seed_sweep(
+    out: Path,
+    seeds: str,
+    families: list[str] | None,
+    classes: list[str] | None,
+    preset: str,
+    size: int,
+    as_json: bool,
+) -> None:
+    from trainer.sweep import FAMILIES, SweepConfig, family_of_classes, parse_seeds, run_sweep
+
+    by_family = family_of_classes(classes or [])
+    chosen = tuple(families) if families else (tuple(by_family) if by_family else FAMILIES)
+    cfg = SweepConfig(
+        seeds=parse_seeds(seeds), families=chosen, classes=by_family, preset=preset, size_px=size
+    )
+
+    def report(run: object) -> None:
+        log.info("sweep: family %s seed %s done", run["family"], run["seed"])  # type: ignore[index]
+
+    summary = run_sweep(out, cfg, on_run=report)
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(summary["markdown"])
 
 
 @app.command()

@@ -159,7 +159,10 @@ def colour_image(rng: np.random.Generator, radiance_rgb: np.ndarray) -> np.ndarr
     masks[1::2, 1::2, 2] = True
     mosaic = (linear * masks).sum(axis=-1)
     electrons = 4000.0
-    mosaic = rng.poisson(np.clip(mosaic, 0, 2) * electrons) / electrons + rng.normal(0, 0.004, (h, w))
+    # Shot noise as a Gaussian of the Poisson's sd: a fixed number of draws per pixel, so a defect (a change
+    # of radiance) never shifts the noise of the pixels after it, as Poisson rejection sampling would.
+    shot = np.sqrt(np.clip(mosaic, 0, 2) / electrons)
+    mosaic = mosaic + shot * rng.standard_normal((h, w)) + rng.normal(0, 0.004, (h, w))
     out = np.empty((h, w, 3))
     for c, kernel in ((0, _BAYER_RB), (1, _BAYER_G), (2, _BAYER_RB)):
         out[..., c] = convolve(mosaic * masks[..., c], kernel, mode="mirror")
