@@ -197,3 +197,88 @@ def test_plane_fit_accuracy_under_border_clutter(fraction: float) -> None:
     removed = 1 - valid_mask(out_xyz)[clean_plane_px].mean()
     assert tilt_deg < max_tilt_deg, (fraction, tilt_deg)
     assert removed >= min_removed, (fraction, removed)
+
+
+def test_valid_mask_needs_every_coordinate_non_zero_and_only_zero_is_missing():
+    xyz = np.array([[[1, 1, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0], [0, 0, 0], [2, -1, 0.5]]], np.float32)
+    assert valid_mask(xyz).tolist() == [[True, False, False, False, False, True]]
+
+
+def _top_strip_points(n_valid: int) -> np.ndarray:
+    """30x30 scan whose only valid points lie on a tilted plane in the top strip, away from the corner blocks
+    (so border_points counts each once): exactly `n_valid` of them."""
+    xyz = np.zeros((30, 30, 3), np.float32)
+    rows, cols = np.divmod(np.arange(n_valid), 10)
+    x, y = cols * 0.001 + 0.01, rows * 0.001 + 0.01
+    xyz[rows, cols + 10] = np.stack([x, y, 0.4 + 0.1 * x + 0.05 * y], -1)
+    return xyz
+
+
+def test_fit_border_plane_takes_exactly_ransac_n_points_and_refuses_one_fewer():
+    cfg = PreprocessConfig()
+    plane = fit_border_plane(_top_strip_points(cfg.ransac_n), cfg)
+    truth = np.array([0.1, 0.05, -1.0, 0.4]) / np.linalg.norm([0.1, 0.05, -1.0])
+    assert np.allclose(plane, truth, atol=1e-4) or np.allclose(plane, -truth, atol=1e-4)
+    with pytest.raises(EmptyCloudError, match=f"only {cfg.ransac_n - 1} valid points in the 10-px border"):
+        fit_border_plane(_top_strip_points(cfg.ransac_n - 1), cfg, source="scan 7")
+
+
+def _grid_cluster_cfg(min_points: int = 5) -> PreprocessConfig:
+    return PreprocessConfig(cluster_eps_m=0.006, cluster_min_points=min_points)
+
+
+def _pixels(coords: list[tuple[int, int]], shape: tuple[int, int] = (20, 20)) -> np.ndarray:
+    """Valid pixels at `coords` on a 1 mm grid at z = 0.5 m (so grid gaps decide, not 3-D distance)."""
+    xyz = np.zeros((*shape, 3), np.float32)
+    for r, c in coords:
+        xyz[r, c] = (0.01 + c * 0.001, 0.01 + r * 0.001, 0.5)
+    return xyz
+
+
+def _kept(coords: list[tuple[int, int]], min_points: int = 5) -> set[tuple[int, int]]:
+    xyz = _pixels(coords)
+    out_xyz, out_rgb = keep_largest_cluster(
+        xyz, np.full(xyz.shape, 9, np.uint8), _grid_cluster_cfg(min_points)
+    )
+    kept = valid_mask(out_xyz)
+    dropped = valid_mask(xyz) & ~kept  # pixels that were never valid keep their rgb
+    assert (out_rgb[kept] == 9).all() and (out_rgb[dropped] == 0).all()
+    return {(int(r), int(c)) for r, c in zip(*np.nonzero(kept), strict=True)}
+
+
+def test_grid_cluster_bridges_a_one_pixel_hole_but_not_a_two_pixel_hole():
+    six = [(5, c) for c in range(6)]
+    assert _kept([*six, (5, 7), (5, 8)]) == {*six, (5, 7), (5, 8)}  # cols 5 -> 7: 2 px apart, joined
+    assert _kept([*six, (5, 8), (5, 9), (5, 10)]) == set(six)  # cols 5 -> 8: 3 px apart, apart
+    column = [(r, 3) for r in range(6)]
+    assert _kept([*column, (8, 3), (9, 3), (10, 3)]) == set(column)  # the same along the rows
+
+
+def test_grid_cluster_follows_down_left_diagonals():
+    anti_diagonal = [(r, 10 - r) for r in range(7)]  # each pixel touches the next only at (+1, -1)
+    assert _kept(anti_diagonal) == set(anti_diagonal)
+    steep = [(r, 10 - 2 * (r // 2) - (r % 2) * 2) for r in range(6)]  # steps of (+1, -2) and (+1, 0)
+    assert _kept(steep) == set(steep)
+
+
+def test_grid_cluster_of_exactly_min_points_is_kept_and_one_point_alone_is_not():
+    five = [(2, c) for c in range(5)]
+    assert _kept(five, min_points=5) == set(five)
+    assert _kept(five, min_points=6) == set()
+    assert _kept([(4, 4)], min_points=2) == set()  # a single valid point is no cluster of 2
+
+
+def test_dbscan_reference_keeps_its_only_cluster_and_empties_a_cloud_without_one():
+    cfg = PreprocessConfig(cluster_eps_m=0.0025, cluster_min_points=4)
+    xyz = _blobs()
+    xyz[22:, :] = 0  # only the 400-point blob (label 0) and the noise above it are left
+    xyz[:20, 20:] = 0
+    kept = valid_mask(keep_largest_cluster_dbscan(xyz, np.ones(xyz.shape, np.uint8), cfg)[0])
+    blob = np.zeros((40, 40), bool)
+    blob[:20, :20] = True
+    assert np.array_equal(kept, blob)
+    sparse = np.random.default_rng(2).uniform(0.3, 2.0, (20, 20, 3)).astype(np.float32)
+    out_xyz, out_rgb = keep_largest_cluster_dbscan(
+        sparse, np.ones(sparse.shape, np.uint8), PreprocessConfig()
+    )
+    assert not valid_mask(out_xyz).any() and not out_rgb.any()
