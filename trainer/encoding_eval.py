@@ -6,12 +6,11 @@ import time
 from typing import Any
 
 from core.bank_codec import decode, nearest
-from core.model import BANKS, FrameScorer
+from core.model import FrameScorer
 from core.scoring import MemoryBank, nearest_neighbours, normalise_features
 from trainer.bank_encode import default_pq_m, encode_bank
 
 ENCODINGS = ("fp32", "fp16", "int8", "pq")
-VARIANT = "rgb+point+fusion"
 
 
 def _scorer_with(scorer: FrameScorer, banks: dict[str, MemoryBank]) -> FrameScorer:
@@ -21,12 +20,14 @@ def _scorer_with(scorer: FrameScorer, banks: dict[str, MemoryBank]) -> FrameScor
 
 
 def _knn_ms(encoded: dict[str, Any], scorer: FrameScorer, features: list[Any]) -> float:
-    """Streaming search on the still-encoded banks (compressed in memory), ms per frame, 3 banks."""
+    """Streaming search on the still-encoded banks (compressed in memory), ms per frame, every bank."""
     sample = features[: min(4, len(features))]
     t0 = time.perf_counter()
     for feats in sample:
-        queries = {"rgb": feats.rgb_hwc, "point": feats.point_hwc, "fusion": scorer.fused_features(feats)}
-        for name in BANKS:
+        queries = {"rgb": feats.rgb_hwc, "point": feats.point_hwc}
+        if "fusion" in scorer.bank_names:
+            queries["fusion"] = scorer.fused_features(feats)
+        for name in scorer.bank_names:
             q = normalise_features(queries[name].reshape(-1, queries[name].shape[-1]), scorer.banks[name])
             if encoded[name] is None:
                 nearest_neighbours(
@@ -38,10 +39,12 @@ def _knn_ms(encoded: dict[str, Any], scorer: FrameScorer, features: list[Any]) -
 
 
 def compare_encodings(info: Any, scorer: FrameScorer, scored: Any) -> dict[str, Any]:
-    """Per encoding: bank bytes, kNN ms/frame, and ΔI-AUROC / ΔAUPRO of the full variant versus fp32."""
+    """Per encoding: bank bytes, kNN ms/frame, and ΔI-AUROC / ΔAUPRO of the full variant versus fp32
+    (rgb+point+fusion; "rgb" for an RGB-only model)."""
     from trainer.evaluate import metrics_of, score_split
 
-    base = metrics_of(scored)[VARIANT]
+    variant = scorer.variants[-1]
+    base = metrics_of(scored)[variant]
     fp32_bytes = sum(b.feats_mc.nbytes for b in scorer.banks.values())
     rows = {}
     for enc in ENCODINGS:
@@ -57,7 +60,7 @@ def compare_encodings(info: Any, scorer: FrameScorer, scored: Any) -> dict[str, 
             else MemoryBank(n, decode(encoded[n]), b.grid, b.feat_mean_c, b.feat_scale)
             for n, b in scorer.banks.items()
         }
-        metrics = metrics_of(score_split(scored.split, _scorer_with(scorer, banks)))[VARIANT]
+        metrics = metrics_of(score_split(scored.split, _scorer_with(scorer, banks)))[variant]
         size = fp32_bytes if enc == "fp32" else sum(e.nbytes for e in encoded.values())
         rows[enc] = {
             "bytes": int(size),

@@ -98,9 +98,12 @@ def test_an_rgb_only_model_evaluates_only_the_rgb_variant(
 ) -> None:
     from trainer.evaluate import evaluate_models
 
-    results = evaluate_models(rgb_only_dataset, rgb_only_model, tmp_path / "report", None)
+    results = evaluate_models(rgb_only_dataset, rgb_only_model, tmp_path / "report", None, encodings=True)
     metrics = results["classes"][CLASS_NAMES[0]]
     assert set(metrics) == {"rgb"}
+    encodings = results["encodings"][CLASS_NAMES[0]]  # the bank-encoding comparison runs on the rgb variant
+    assert set(encodings) == {"fp32", "fp16", "int8", "pq"} and encodings["fp32"]["delta_i_auroc"] == 0.0
+    assert encodings["fp16"]["compression"] == pytest.approx(2.0)
     # Measured on this fixture: P-AUROC ~0.99, AUPRO ~0.97 (I-AUROC on 3 good / 8 bad is noisy: no floor).
     assert metrics["rgb"]["p_auroc"] >= 0.95 and metrics["rgb"]["aupro"] >= 0.85
     table = (tmp_path / "report" / "results.md").read_text()
