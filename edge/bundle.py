@@ -225,7 +225,7 @@ def _check_hashes(bundle_dir: Path, manifest: BundleManifest) -> str:
         actual = _file_sha256(present[relpath])
         if actual != expected:
             raise HashMismatchError(f"sha256 {actual[:16]}... != manifest {expected[:16]}...", relpath)
-    for name, ref in manifest.networks.items():
+    for name, ref in [*manifest.networks.items(), *manifest.fp32_networks.items()]:
         size = present[ref.path].stat().st_size
         if size != ref.size_bytes:
             raise HashMismatchError(

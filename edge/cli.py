@@ -51,6 +51,9 @@ def run(  # noqa: PLR0913 - one flag per setting, as documented in the issue
     ] = False,
     max_fps: Annotated[float | None, typer.Option(help="Cap on frames per second (0 = none).")] = None,
     backend: Annotated[str | None, typer.Option(help="auto | ort | trt")] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="fp32: run an int8 bundle's fp32 graphs (default: the bundle's own).")
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on this port.")] = None,
     outbox: Annotated[Path | None, typer.Option(help="SQLite outbox file.")] = None,
     curve_dir: Annotated[Path | None, typer.Option(help="This station's CURVE keypair folder.")] = None,
@@ -80,6 +83,7 @@ def run(  # noqa: PLR0913 - one flag per setting, as documented in the issue
         "collector": collector,
         "max_fps": max_fps,
         "backend": backend,
+        "precision": precision,
         "metrics_port": metrics_port,
         "outbox": outbox,
         "curve_dir": curve_dir,

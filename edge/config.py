@@ -30,6 +30,7 @@ class StationConfig:
     source: str
     key: Path | None = None  # bundle signing public key (file or folder); required (see insecure_no_verify)
     backend: str = "auto"  # auto | ort | trt
+    precision: str | None = None  # None: the bundle's own graphs; "fp32": an int8 bundle's fp32 graphs
     variant: str = DEFAULT_VARIANT
     collector: str | None = None  # tcp://HOST:PORT; None = sinks only, nothing stored or sent
     curve_dir: Path | None = None  # this station's CURVE keypair folder (m3dm keys gen)
@@ -57,6 +58,8 @@ class StationConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "ort", "trt"):
             raise ConfigError(f"backend must be auto, ort or trt, not {self.backend!r}")
+        if self.precision not in (None, "fp32"):
+            raise ConfigError(f"precision must be fp32 (or absent: the bundle's own), not {self.precision!r}")
         if self.backpressure not in ("drop_oldest", "block"):
             raise ConfigError(f"backpressure must be drop_oldest or block, not {self.backpressure!r}")
         if self.queue_size < 1 or self.sink_queue < 1:

@@ -178,7 +178,11 @@ class Station:
                     kept or cfg.bundle,
                 )
             model = open_bundle(
-                kept or cfg.bundle, cfg.bundle_key, cfg.backend, engine_cache_dir=cfg.engine_cache_dir
+                kept or cfg.bundle,
+                cfg.bundle_key,
+                cfg.backend,
+                engine_cache_dir=cfg.engine_cache_dir,
+                precision=cfg.precision,
             )
         slot = ModelSlot(model, Policy(variant=cfg.variant, map_every_n_ok=cfg.map_every_n_ok))
         metrics = StationMetrics(cfg.station_id)

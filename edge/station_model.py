@@ -31,7 +31,7 @@ from core.scoring import MemoryBank
 from edge.bundle import golden_map_sha256, load_banks, safe_extract, verify_bundle
 from edge.model_store import ModelInfo, load_array
 from edge.runners import make_runner
-from protocol.manifest import MANIFEST_NAME, BundleManifest, GoldenSample, manifest_from_json
+from protocol.manifest import MANIFEST_NAME, ArtifactRef, BundleManifest, GoldenSample, manifest_from_json
 
 log = logging.getLogger("m3dm.edge")
 
@@ -209,19 +209,42 @@ def scorer_from_manifest(
 DEFAULT_ENGINE_CACHE = Path.home() / ".cache" / "m3dm" / "engines"
 
 
+def networks_to_run(manifest: BundleManifest, precision: str | None) -> tuple[str, dict[str, ArtifactRef]]:
+    """(precision, graphs) a station runs: the bundle's own (None), or its fp32 graphs ("fp32"), which an
+    int8 bundle also carries so a station can fall back when a precision problem is suspected."""
+    if precision is None or precision == manifest.precision:
+        return manifest.precision, dict(manifest.networks)
+    if precision != "fp32":
+        raise ConfigError(
+            f"a station runs a bundle's own precision ({manifest.precision}) or fp32, not {precision!r}"
+        )
+    if not manifest.fp32_networks:
+        raise ConfigError(
+            f"bundle {manifest.bundle_id[:8]} is {manifest.precision} and carries no fp32 graphs; "
+            "rebuild it with `m3dm bundle build --precision int8` (which ships both) or run its own precision"
+        )
+    return "fp32", {**manifest.networks, **manifest.fp32_networks}
+
+
 def station_model_from_manifest(
-    root: Path, manifest: BundleManifest, backend: str = "auto", engine_cache_dir: Path | None = None
+    root: Path,
+    manifest: BundleManifest,
+    backend: str = "auto",
+    engine_cache_dir: Path | None = None,
+    precision: str | None = None,
 ) -> StationModel:
     """Runners and scorer for a bundle directory whose manifest is verified (or being built).
 
     TensorRT engines are cached OUTSIDE the bundle (default ~/.cache/m3dm/engines, keyed by ONNX hash,
     TensorRT version, GPU and precision): a file written into the bundle would fail its next verification.
+    precision None runs the bundle's own graphs; "fp32" its fp32 graphs (see `networks_to_run`).
     """
+    running, networks = networks_to_run(manifest, precision)
     info = info_from_manifest(root, manifest)
     cache = engine_cache_dir if engine_cache_dir is not None else DEFAULT_ENGINE_CACHE
     runner_of = {
         name: make_runner(root / ref.path, backend=backend, engine_cache_dir=cache)
-        for name, ref in manifest.networks.items()
+        for name, ref in networks.items()
     }
     runners = FeatureRunners(rgb=runner_of.get("rgb"), point=runner_of.get("point"))
     # An RGB-only model has no UFF (and with the weight-free preset no graph at all: numpy scoring only).
@@ -235,6 +258,7 @@ def station_model_from_manifest(
         "random_weights": manifest.random_weights,
         "backend": backend_name,
         "banks": {n: f"{s.encoding} {s.rows}x{s.dim}" for n, s in manifest.banks.items()},
+        "precision": running,
         "variants": list(manifest.variants),
     }
     log.info(
@@ -267,6 +291,7 @@ def open_bundle(
     backend: str = "auto",
     min_counter: int | None = None,
     engine_cache_dir: Path | None = None,
+    precision: str | None = None,
 ) -> StationModel:
     """Extract (if a tar), verify (if a key is given), load. Without a key the bundle is loaded UNVERIFIED."""
     bundle = Path(bundle)
@@ -282,7 +307,7 @@ def open_bundle(
         else:
             log.warning("bundle %s loaded WITHOUT signature verification (no --key given)", bundle)
             manifest = manifest_from_json((root / MANIFEST_NAME).read_bytes())
-        model = station_model_from_manifest(root, manifest, backend, engine_cache_dir)
+        model = station_model_from_manifest(root, manifest, backend, engine_cache_dir, precision)
     except BaseException:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -368,4 +393,7 @@ def replay_golden(model: StationModel) -> list[GoldenResult]:
 
     Never raises for a bad golden input: a missing array or unreadable file is a failed result with a reason.
     """
-    return [_replay_one(model, sample) for sample in model.manifest.golden]
+    # The expectations of the graphs this model runs: an int8 bundle told to run fp32 replays its fp32 ones.
+    own = model.summary.get("precision", model.manifest.precision) == model.manifest.precision
+    samples = model.manifest.golden if own else model.manifest.fp32_golden
+    return [_replay_one(model, sample) for sample in samples]

@@ -402,6 +402,11 @@ class BundleManifest(_Record):
     provenance: Provenance
     golden: list[GoldenSample] = []
     files: dict[str, str] = {}
+    # An int8 or fp16 bundle may also carry its fp32 graphs (`networks` holds the graphs of `precision`), for
+    # a station told to run fp32 (StationConfig.precision); empty for an fp32 bundle.
+    fp32_networks: dict[str, ArtifactRef] = {}
+    # golden expectations of `fp32_networks`: what a station told to run fp32 replays instead of `golden`
+    fp32_golden: list[GoldenSample] = []
     # ("rgb", "point") or ("rgb",): an RGB-only model ships the rgb bank alone and no UFF (see MODALITIES)
     modalities: tuple[str, ...] = ("rgb", "point")
 
@@ -423,6 +428,11 @@ class BundleManifest(_Record):
         )
         _require(self.anti_rollback_counter >= 0, "anti_rollback_counter must be >= 0")
         _require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}: {self.precision!r}")
+        if self.fp32_networks:
+            _require(self.precision != "fp32", "fp32_networks belong to an int8 or fp16 bundle")
+            orphans = sorted(set(self.fp32_networks) - set(self.networks))
+            _require(not orphans, f"fp32_networks {orphans} have no counterpart in networks")
+        _require(not self.fp32_golden or bool(self.fp32_networks), "fp32_golden needs fp32_networks")
         unknown = sorted(set(self.networks) - set(NETWORK_NAMES))
         _require(not unknown, f"unknown network name(s) {unknown}; known: {NETWORK_NAMES}")
         if "point" in self.modalities:
@@ -460,6 +470,8 @@ class BundleManifest(_Record):
     def referenced_paths(self) -> list[str]:
         """Every file the manifest points at (networks, banks, bank stats, golden inputs), sorted."""
         paths = {ref.path for ref in self.networks.values()} | {bank.path for bank in self.banks.values()}
+        paths |= {ref.path for ref in self.fp32_networks.values()}
+        paths |= {sample.input_path for sample in self.fp32_golden}
         paths |= {bank.stats_path for bank in self.banks.values() if bank.stats_path is not None}
         paths |= {bank.index_path for bank in self.banks.values() if bank.index_path is not None}
         paths |= {b.local_scale_path for b in self.banks.values() if b.local_scale_path is not None}
@@ -471,7 +483,7 @@ class BundleManifest(_Record):
         _require(bool(self.files), "manifest lists no files")
         missing = [p for p in self.referenced_paths() if p not in self.files]
         _require(not missing, f"referenced file(s) not listed in `files`: {missing}")
-        for name, ref in self.networks.items():
+        for name, ref in [*self.networks.items(), *self.fp32_networks.items()]:
             _require(
                 ref.sha256 == self.files[ref.path], f"network {name!r}: sha256 differs from files[{ref.path}]"
             )

@@ -132,12 +132,13 @@ def _read_source(relpath: str, source: Path | str | bytes) -> bytes:
 def _seal(draft: BundleManifest, payload: Mapping[str, bytes]) -> BundleManifest:
     """Fill `files` and network hashes/sizes from the payload, then check every reference resolves."""
     digests = {path: hashlib.sha256(data).hexdigest() for path, data in sorted(payload.items())}
-    networks = {}
-    for name, ref in draft.networks.items():
-        if ref.path not in payload:
-            raise SchemaError(f"network {name!r} file {ref.path!r} is not among the bundle contents")
-        networks[name] = ArtifactRef(ref.path, digests[ref.path], len(payload[ref.path]))
-    manifest = msgspec.structs.replace(draft, networks=networks, files=digests)
+    sealed: dict[str, dict[str, ArtifactRef]] = {"networks": {}, "fp32_networks": {}}
+    for field_name, refs in sealed.items():
+        for name, ref in getattr(draft, field_name).items():
+            if ref.path not in payload:
+                raise SchemaError(f"network {name!r} file {ref.path!r} is not among the bundle contents")
+            refs[name] = ArtifactRef(ref.path, digests[ref.path], len(payload[ref.path]))
+    manifest = msgspec.structs.replace(draft, **sealed, files=digests)
     manifest.check_sealed()
     return manifest
 

@@ -122,6 +122,20 @@ def draft_manifest(
     )
 
 
+def stage_int8_networks(draft: BundleManifest, staging: Path) -> BundleManifest:
+    """Quantise each staged fp32 graph to `<name>.int8.onnx` beside it; the int8 graphs become the bundle's
+    networks and the fp32 ones its `fp32_networks` (shipped, hashed and signed like every file)."""
+    from trainer.export import quantize_int8
+
+    int8 = {}
+    for name, ref in draft.networks.items():
+        rel = str(Path(ref.path).with_suffix(".int8.onnx").as_posix())
+        quantize_int8(staging / ref.path, staging / rel)
+        int8[name] = ArtifactRef(rel)
+    fp32 = {name: ArtifactRef(ref.path) for name, ref in draft.networks.items()}
+    return msgspec.structs.replace(draft, precision="int8", networks=int8, fp32_networks=fp32)
+
+
 def stage_golden_inputs(data_root: Path | None, class_name: str, staging: Path) -> list[str]:
     """A few test scans (good and defective) saved as .npz inputs; none when no data root is given."""
     if data_root is None:
@@ -142,9 +156,12 @@ def stage_golden_inputs(data_root: Path | None, class_name: str, staging: Path) 
     return paths
 
 
-def golden_samples(staging: Path, manifest: BundleManifest, inputs: list[str]) -> list[GoldenSample]:
-    """Expected outputs, computed by the station's own loader on exactly the staged files (ONNX Runtime)."""
-    model = station_model_from_manifest(staging, manifest, backend="ort")
+def golden_samples(
+    staging: Path, manifest: BundleManifest, inputs: list[str], precision: str | None = None
+) -> list[GoldenSample]:
+    """Expected outputs, computed by the station's own loader on exactly the staged files (ONNX Runtime);
+    precision "fp32" scores an int8 bundle's fp32 graphs (see `edge.station_model.networks_to_run`)."""
+    model = station_model_from_manifest(staging, manifest, backend="ort", precision=precision)
     variant, needs_xyz = manifest.thresholds.variant, "point" in manifest.modalities
     samples = []
     for rel in inputs:
@@ -173,7 +190,8 @@ def cross_check_golden(
     scorer = scorer_from_manifest(staging, manifest, uff, info.score)
     trainer_model = StationModel(staging, manifest, info, runners, scorer, "torch")
     checked = []
-    for sample in manifest.golden:
+    # int8 expectations differ from torch fp32 by design: an int8 bundle's fp32 ones are cross-checked
+    for sample in manifest.golden if manifest.precision == "fp32" else manifest.fp32_golden:
         scores = trainer_model.score_raw(
             golden_scan(staging, sample.input_path, "point" in manifest.modalities)
         )
@@ -201,7 +219,12 @@ def build_model_bundle(
     budget_mb: float | None,
     data_root: Path | None,
     weights_dir: Path | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
+    """precision "int8" ships ONNX Runtime dynamic-int8 graphs (`trainer.export.quantize_int8`) as the
+    bundle's networks AND the fp32 graphs, with golden expectations for both; the manifest records it."""
+    if precision not in ("fp32", "int8"):
+        raise ConfigError(f"bundle precision must be fp32 or int8, not {precision!r}")
     info = load_model_info(model_dir)
     if "networks" not in info.raw:
         # Not exported yet: export here (ONNX + parity check) instead of sending the user away.
@@ -217,9 +240,12 @@ def build_model_bundle(
             shutil.copyfile(model_dir / rel, staging / rel)
         banks = stage_banks(info, bank_encodings(info, bank_encoding, budget_mb), staging)
         draft = draft_manifest(info, banks, version, counter, expires_days)
+        if precision == "int8":
+            draft = stage_int8_networks(draft, staging)
         inputs = stage_golden_inputs(data_root, info.class_name, staging)
         golden = golden_samples(staging, draft, inputs)
-        draft = msgspec.structs.replace(draft, golden=golden)
+        fp32_golden = golden_samples(staging, draft, inputs, "fp32") if draft.fp32_networks else []
+        draft = msgspec.structs.replace(draft, golden=golden, fp32_golden=fp32_golden)
         cross_checked = cross_check_golden(staging, draft, model_dir, weights_dir)
         files = {str(p.relative_to(staging).as_posix()): p for p in sorted(staging.rglob("*")) if p.is_file()}
         bundle_dir = build_bundle(BundleContents(manifest=draft, files=files), key_dir, out)
@@ -231,6 +257,7 @@ def build_model_bundle(
         "path": str(bundle_dir),
         "tar": str(tar_path_for(bundle_dir)),
         "banks": {n: s.encoding for n, s in banks.items()},
+        "precision": draft.precision,
         "golden": len(golden),
         "golden_cross_check": cross_checked,
     }

@@ -453,6 +453,9 @@ def bundle_build(
     weights_dir: Annotated[
         Path | None, typer.Option(help="Official checkpoints (only to export a not-yet-exported model).")
     ] = None,
+    precision: Annotated[
+        str, typer.Option(help="Network precision: fp32, or int8 (ONNX Runtime int8 graphs + the fp32 ones).")
+    ] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest summary as JSON.")] = False,
 ) -> None:
     """Build and sign a bundle: ONNX graphs, encoded banks, UFF/DLF, thresholds, golden samples.
@@ -461,7 +464,17 @@ def bundle_build(
     from trainer.bundle_build import build_model_bundle
 
     summary = build_model_bundle(
-        model, key, out, version, counter, expires_days, bank_encoding, bank_budget_mb, data, weights_dir
+        model,
+        key,
+        out,
+        version,
+        counter,
+        expires_days,
+        bank_encoding,
+        bank_budget_mb,
+        data,
+        weights_dir,
+        precision=precision,
     )
     if as_json:
         emit_json(summary)
