@@ -181,6 +181,7 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
     from trainer.export import check_parity, export_onnx
     from trainer.model_io import write_model_json
     from trainer.models.uff import UFFExport
+    from trainer.point_export import pointwise_point_module
     from trainer.train_uff import load_uff
 
     info = load_model_info(class_dir)
@@ -197,7 +198,11 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
         jobs.append(("rgb", rgb_module, {"image": real["image"]}, ["tokens"]))
     if preset.point_backbone != "free" and not rgb_only:
         point_inputs = {"neighborhood": real["neighborhood"], "centers": real["centers"]}
-        jobs.append(("point", point_module_for_export(preset, weights), point_inputs, ["group_features"]))
+        # The mini-PointNet's kernel-1 convolutions as MatMuls, so `bundle build --precision int8` can
+        # quantise them (ORT has no fast ConvInteger). Parity is checked against the rewritten module, which
+        # tests/trainer/test_point_export.py proves equal to the Conv1d one (float64) and to its ONNX graph.
+        point_module = point_module_for_export(preset, weights)
+        jobs.append(("point", pointwise_point_module(point_module), point_inputs, ["group_features"]))
     networks, parity = {}, {}
     for name, module, inputs, outputs in jobs:
         path = export_onnx(
