@@ -198,19 +198,10 @@ def export(module, inputs: dict, outputs: list[str], path: Path, dynamic: dict |
 
 
 def quantise_int8(src: Path, dst: Path) -> Path:
-    """ONNX Runtime dynamic int8 (weights int8 per channel, activations quantised per call)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """What `bundle build --precision int8` ships: ONNX Runtime dynamic int8 of MatMul/Gemm."""
+    from trainer.export import quantize_int8
 
-    # MatMul/Gemm only: ORT's ConvInteger has no fast kernel (measured: Point-MAE 50 s/frame with convs
-    # quantised), and the convolutions are a small share of both networks' work.
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Gemm"],
-    )
-    return dst
+    return quantize_int8(src, dst)
 
 
 def uff_module(point_dim: int, rgb_dim: int):  # noqa: ANN201
@@ -309,10 +300,13 @@ def setup_random(work: Path, root: Path, cls: str, ann_recall: float) -> dict:  
         work / "notes.txt"
     ).is_file():  # seeded random init: same weights
         return reuse_random(work, preset)
+    from trainer.point_export import pointwise_point_module
+
     rgb_mod, point_mod = (
         rgb_module_for_export(preset, WeightPaths()),
         point_module_for_export(preset, WeightPaths()),
     )
+    point_graph_mod = pointwise_point_module(point_mod)  # as trainer/pipeline.py exports it
     rng = np.random.default_rng(1)
     example = {  # export fixes the non-batch shapes only; values do not matter
         "image": rng.standard_normal((1, 3, 224, 224)).astype(np.float32),
@@ -321,7 +315,7 @@ def setup_random(work: Path, root: Path, cls: str, ann_recall: float) -> dict:  
     }
     export(rgb_mod, {"image": example["image"]}, ["tokens"], work / "rgb.onnx")
     export(
-        point_mod,
+        point_graph_mod,
         {"neighborhood": example["neighborhood"], "centers": example["centers"]},
         ["group_features"],
         work / "point.onnx",
