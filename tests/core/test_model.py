@@ -11,7 +11,7 @@ from core.errors import ConfigError, ShapeError
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
 from core.model import VARIANTS, FrameScorer, prepare_dlf_inputs, upsample_nearest
 from core.scan import PatchFeatures
-from core.scoring import MemoryBank
+from core.scoring import MemoryBank, score_bank
 
 C_RGB, C_POINT = 5, 4
 
@@ -163,3 +163,156 @@ def test_prepare_dlf_inputs_applies_each_banks_own_normalisation() -> None:
     np.testing.assert_allclose(image, [4.0, 5.0, 2.75], rtol=1e-6)
     np.testing.assert_allclose(maps[:, 0, 0], [4.5, 3.5, 1.0], rtol=1e-6)
     assert image.dtype == np.float32 and maps.dtype == np.float32
+
+
+class _PerPatchUFF:
+    """A numpy stand-in with UFF's structure: per patch and per modality, fused = [f(point), g(rgb)], and a
+    bias, so a zero point row maps to a non-zero constant. `fixed` mimics an older graph with a fixed patch
+    axis (it refuses any other length)."""
+
+    backend = "numpy"
+
+    def __init__(self, fixed: int | None = None) -> None:
+        rng = np.random.default_rng(11)
+        self.w_point = rng.normal(size=(C_POINT, C_POINT)).astype(np.float32)
+        self.w_rgb = rng.normal(size=(C_RGB, C_RGB)).astype(np.float32)
+        self.b_point = rng.normal(size=C_POINT).astype(np.float32)
+        self.fixed = fixed
+        self.calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        if fixed is not None:
+            self.input_shapes = {
+                "point_feats": ("batch", fixed, C_POINT),
+                "rgb_feats": ("batch", fixed, C_RGB),
+            }
+
+    def fuse(self, point_nc: np.ndarray, rgb_nc: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [np.tanh(point_nc @ self.w_point + self.b_point), np.tanh(rgb_nc @ self.w_rgb)], -1
+        )
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        point, rgb = inputs["point_feats"], inputs["rgb_feats"]
+        assert point.dtype == rgb.dtype == np.float32 and point.shape[:2] == rgb.shape[:2]
+        if self.fixed is not None:
+            assert point.shape[1] == self.fixed, point.shape
+        self.calls.append((point.shape, rgb.shape))
+        return {"fused": self.fuse(point[0], rgb[0])[None].astype(np.float32)}
+
+
+def _frame_with_background(seed: int, background_rows: int = 20) -> PatchFeatures:
+    """A frame whose point grid is all-zero (background) on its top `background_rows` rows."""
+    frame = _frame(np.random.default_rng(seed))
+    point = frame.point_hwc.copy()
+    point[:background_rows] = 0
+    return PatchFeatures(rgb_hwc=frame.rgb_hwc, point_hwc=point)
+
+
+def _uff_scorer(uff: _PerPatchUFF, skip_background: bool) -> FrameScorer:
+    train = [_frame_with_background(s) for s in (20, 21)]
+    reference = FrameScorer(
+        _dummy_banks() | {"rgb": _bank("rgb", np.zeros((3, C_RGB), np.float32), 28)},
+        None,
+        None,
+        uff,
+        ScoreConfig(),
+    )
+    banks = {
+        "rgb": _bank("rgb", np.concatenate([f.rgb_hwc.reshape(-1, C_RGB) for f in train]), 28),
+        "point": _bank("point", np.concatenate([f.point_hwc.reshape(-1, C_POINT) for f in train]), 56),
+        "fusion": _bank(
+            "fusion", np.concatenate([reference.fused_features(f).reshape(-1, 9) for f in train]), 56
+        ),
+    }
+    return FrameScorer(banks, _dlf(), None, uff, ScoreConfig(), skip_background=skip_background)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fixed", [None, 3136], ids=["dynamic-patch-axis", "fixed-patch-axis"])
+@pytest.mark.parametrize("skip_background", [True, False])
+def test_uff_fused_features_are_the_per_patch_fusion_of_point_and_upsampled_rgb(
+    fixed: int | None, skip_background: bool
+) -> None:
+    uff = _PerPatchUFF(fixed)
+    scorer = _uff_scorer(uff, skip_background)
+    frame = _frame_with_background(5)
+    expected = uff.fuse(
+        frame.point_hwc.reshape(-1, C_POINT), upsample_nearest(frame.rgb_hwc, 2).reshape(-1, C_RGB)
+    )
+    fused = scorer.fused_features(frame)
+    assert fused.shape == (56, 56, C_POINT + C_RGB) and fused.dtype == np.float32
+    np.testing.assert_allclose(fused.reshape(-1, 9), expected, rtol=1e-5, atol=1e-6)
+    # the constant point half of a background patch: UFF of a zero point row, computed at construction
+    np.testing.assert_allclose(scorer.uff_zero_point, np.tanh(uff.b_point), rtol=1e-6)
+    np.testing.assert_allclose(fused[0, 0, :C_POINT], np.tanh(uff.b_point), rtol=1e-6)
+    if fixed is not None:
+        assert all(p[1] == fixed for p, _ in uff.calls)  # every call padded to the graph's patch count
+
+
+def test_skipping_background_changes_no_score_with_a_uff() -> None:
+    frame = _frame_with_background(6)
+    fast = _uff_scorer(_PerPatchUFF(), skip_background=True).score(frame)
+    full = _uff_scorer(_PerPatchUFF(), skip_background=False).score(frame)
+    np.testing.assert_allclose(fast.bank_image, full.bank_image, rtol=1e-5)
+    np.testing.assert_allclose(fast.bank_maps, full.bank_maps, rtol=1e-5, atol=1e-6)
+    for variant in VARIANTS:
+        assert fast.image[variant] == pytest.approx(full.image[variant], rel=1e-5), variant
+    uff = _PerPatchUFF()
+    scorer = _uff_scorer(uff, skip_background=True)
+    uff.calls.clear()
+    scorer.fused_features(frame)
+    # one call: the 36x56 foreground patches' point rows and the 784 rgb tokens side by side
+    assert uff.calls == [((1, 36 * 56, C_POINT), (1, 36 * 56, C_RGB))]
+    assert scorer.fusion_prefix() is scorer.fusion_prefix()  # cached once per scorer
+
+
+def test_fixed_patch_count_is_read_only_from_an_int_point_axis() -> None:
+    assert _uff_scorer(_PerPatchUFF(3136), True)._fixed_patches == 3136
+    assert _uff_scorer(_PerPatchUFF(), True)._fixed_patches is None
+    dynamic = _PerPatchUFF()
+    dynamic.input_shapes = {"point_feats": ("batch", "patches", C_POINT)}  # type: ignore[attr-defined]
+    assert _uff_scorer(dynamic, True)._fixed_patches is None
+
+
+def test_rgb_only_scorer_scores_the_rgb_bank_alone() -> None:
+    rng = np.random.default_rng(7)
+    train = [_frame(rng) for _ in range(2)]
+    bank = _bank("rgb", np.concatenate([f.rgb_hwc.reshape(-1, C_RGB) for f in train]), 28)
+    scorer = FrameScorer({"rgb": bank}, None, None, None, ScoreConfig())
+    assert scorer.rgb_only and scorer.bank_names == scorer.variants == ("rgb",)
+    frame = _frame(rng)
+    scores = scorer.score(PatchFeatures(rgb_hwc=frame.rgb_hwc.astype(np.float64), point_hwc=None))  # type: ignore[arg-type]
+    direct = score_bank(frame.rgb_hwc, bank, ScoreConfig(), None, True)
+    assert scores.bank_names == ("rgb",) and set(scores.image) == set(scores.maps) == {"rgb"}
+    assert scores.bank_image.shape == (1,) and scores.bank_image.dtype == np.float32
+    assert scores.image["rgb"] == pytest.approx(direct.image_score, rel=1e-6)
+    assert scores.bank_maps.shape == (1, 224, 224) and scores.bank_maps.dtype == np.float32
+    np.testing.assert_allclose(scores.maps["rgb"], direct.map_hw, rtol=1e-6)
+    message = r"^an RGB-only FrameScorer \(rgb bank alone\) takes no UFF, DLF or normaliser$"
+    norm = ScoreNormaliser(np.zeros(1), np.ones(1), np.zeros(1), np.ones(1))
+    for uff, dlf, normaliser in [(_PerPatchUFF(), None, None), (None, _dlf(), None), (None, None, norm)]:
+        with pytest.raises(ConfigError, match=message):
+            FrameScorer({"rgb": bank}, dlf, normaliser, uff, ScoreConfig())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("point_shape", "rgb_shape"),
+    [
+        ((56, 56, C_POINT), (27, 27, C_RGB)),
+        ((56, 55, C_POINT), (28, 28, C_RGB)),
+        ((56, C_POINT), (28, 28, C_RGB)),
+        ((56, 56, C_POINT), (28, C_RGB)),
+    ],
+    ids=["grid-not-a-multiple", "point-not-square", "point-2d", "rgb-2d"],
+)
+def test_misaligned_grids_are_refused(point_shape: tuple, rgb_shape: tuple) -> None:
+    features = PatchFeatures(
+        rgb_hwc=np.ones(rgb_shape, np.float32), point_hwc=np.ones(point_shape, np.float32)
+    )
+    with pytest.raises(ShapeError, match=r"^point \(.*\) / rgb \(.*\) grids are not aligned$"):
+        _scorer().fused_features(features)
+
+
+def test_a_normaliser_for_another_bank_count_is_refused() -> None:
+    banks = _dummy_banks() | {"rgb": _bank("rgb", np.zeros((3, C_RGB), np.float32), 28)}
+    two = ScoreNormaliser(np.zeros(2), np.ones(2), np.zeros(2), np.ones(2))
+    with pytest.raises(ConfigError, match="^normaliser must cover 3 banks, got 2$"):
+        FrameScorer(banks, _dlf(), two, None, ScoreConfig())
