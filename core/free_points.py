@@ -53,6 +53,20 @@ def window_sums(table: np.ndarray, rows_n: np.ndarray, cols_n: np.ndarray, radiu
     return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
 
 
+def _minus_diagonal(m_n33: np.ndarray, value_n: np.ndarray) -> np.ndarray:
+    """m - value * I per matrix; off-diagonal entries copied (bit-equal to subtracting value * eye(3))."""
+    out = m_n33.copy()
+    out[:, [0, 1, 2], [0, 1, 2]] -= value_n[:, None]
+    return out
+
+
+def _cross(a_n3: np.ndarray, b_n3: np.ndarray) -> np.ndarray:
+    """Row-wise cross product, the same products and differences as np.cross without its per-call setup."""
+    a0, a1, a2 = a_n3[:, 0], a_n3[:, 1], a_n3[:, 2]
+    b0, b1, b2 = b_n3[:, 0], b_n3[:, 1], b_n3[:, 2]
+    return np.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], axis=-1)
+
+
 def smallest_eigenpairs(cov_n33: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Closed-form smallest eigenvalue and unit eigenvector of symmetric 3x3 matrices (N, 3, 3) float64.
 
@@ -63,17 +77,12 @@ def smallest_eigenpairs(cov_n33: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     off = cov_n33[:, 0, 1] ** 2 + cov_n33[:, 0, 2] ** 2 + cov_n33[:, 1, 2] ** 2
     diag = cov_n33[:, [0, 1, 2], [0, 1, 2]] - q[:, None]
     p = np.sqrt(((diag**2).sum(axis=1) + 2.0 * off) / 6.0)
-    shifted = cov_n33 - q[:, None, None] * np.eye(3)
-    r = np.linalg.det(shifted / np.maximum(p, 1e-30)[:, None, None]) / 2.0
+    r = np.linalg.det(_minus_diagonal(cov_n33, q) / np.maximum(p, 1e-30)[:, None, None]) / 2.0
     phi = np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
     smallest = np.where(p > 0, q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0), q)
-    rows = cov_n33 - smallest[:, None, None] * np.eye(3)
+    rows = _minus_diagonal(cov_n33, smallest)
     crosses = np.stack(
-        [
-            np.cross(rows[:, 0], rows[:, 1]),
-            np.cross(rows[:, 0], rows[:, 2]),
-            np.cross(rows[:, 1], rows[:, 2]),
-        ],
+        [_cross(rows[:, 0], rows[:, 1]), _cross(rows[:, 0], rows[:, 2]), _cross(rows[:, 1], rows[:, 2])],
         axis=1,
     )
     norms = np.linalg.norm(crosses, axis=-1)
@@ -123,11 +132,18 @@ def point_descriptor_per_point(scan: PreparedScan) -> tuple[np.ndarray, np.ndarr
     # Work in units of HEIGHT_SCALE x spacing, centred: covariances stay O(1) and the features unit-sized.
     unit_m = HEIGHT_SCALE * max(point_spacing_m(xyz, valid), 1e-6)
     centred = (points - points.mean(axis=0)) / unit_m
-    grid = np.zeros((IMAGE_SIZE * IMAGE_SIZE, 13))
-    grid[index, 0] = 1.0
-    grid[index, 1:4] = centred
-    grid[index, 4:] = (centred[:, :, None] * centred[:, None, :]).reshape(-1, 9)
-    table = integral_image(grid.reshape(IMAGE_SIZE, IMAGE_SIZE, 13))
+    # Integral images over the valid points' bounding box only (the object covers 7-60% of the frame): every
+    # entry outside it is 0, so prefix sums from the box corner equal the full-frame ones bit for bit, and a
+    # window reaching past the box adds only zeros, like one clipped at the image border.
+    top, left = rows.min(), cols.min()
+    box_h, box_w = rows.max() - top + 1, cols.max() - left + 1
+    rows, cols = rows - top, cols - left
+    box_index = rows * box_w + cols
+    grid = np.zeros((box_h * box_w, 13))
+    grid[box_index, 0] = 1.0
+    grid[box_index, 1:4] = centred
+    grid[box_index, 4:] = (centred[:, :, None] * centred[:, None, :]).reshape(-1, 9)
+    table = integral_image(grid.reshape(box_h, box_w, 13))
     normals = []
     columns = np.zeros((index.size, n_cols))
     for k, radius in enumerate(WINDOW_RADII_PX):
@@ -138,12 +154,12 @@ def point_descriptor_per_point(scan: PreparedScan) -> tuple[np.ndarray, np.ndarr
         enough = count >= MIN_NEIGHBOURS
         columns[:, 3 * k] = np.where(enough, np.einsum("nc,nc->n", normal, centred - mean), 0.0)
         columns[:, 3 * k + 1] = np.where(enough, np.sqrt(variance), 0.0)
-    field = np.zeros((IMAGE_SIZE * IMAGE_SIZE, 4))
-    field[index, 0] = 1.0
-    field[index, 1:] = normals[
+    field = np.zeros((box_h * box_w, 4))
+    field[box_index, 0] = 1.0
+    field[box_index, 1:] = normals[
         0
     ]  # spread of the finest normals inside each window: creases, dents, scratches
-    normal_table = integral_image(field.reshape(IMAGE_SIZE, IMAGE_SIZE, 4))
+    normal_table = integral_image(field.reshape(box_h, box_w, 4))
     for k, radius in enumerate(WINDOW_RADII_PX):
         sums = window_sums(normal_table, rows, cols, radius)
         spread = 1.0 - np.linalg.norm(sums[:, 1:], axis=-1) / np.maximum(sums[:, 0], 1.0)

@@ -8,7 +8,15 @@ import pytest
 import core.free_features as ff
 from core.config import FREE_POINT_DIM, FREE_RGB_DIM
 from core.errors import ShapeError
-from core.free_points import WINDOW_RADII_PX, point_descriptor_per_point, smallest_eigenpairs
+from core.free_points import (
+    WINDOW_RADII_PX,
+    _cross,
+    _minus_diagonal,
+    integral_image,
+    point_descriptor_per_point,
+    smallest_eigenpairs,
+    window_sums,
+)
 from core.pfa import project_to_grid
 from core.scan import PreparedScan
 
@@ -160,3 +168,31 @@ def test_rgb_background_dominance_and_bad_shapes():
     bad = PreparedScan(scan.rgb_chw, scan.rgb_hwc_u8, scan.xyz_hwc_m[:, :100], scan.valid_hw)
     with pytest.raises(ShapeError, match=r"xyz must be \(224,224,3\)"):
         ff.point_descriptor(bad)
+
+
+def test_bounding_box_integral_image_equals_the_full_frame_bit_for_bit():
+    """The point descriptor sums windows over the valid points' bounding box only; zeros outside it make the
+    box's prefix sums equal the full frame's exactly, windows crossing the box edge included."""
+    rng = np.random.default_rng(4)
+    frame = np.zeros((S, S, 13))
+    frame[60:130, 90:170] = rng.normal(size=(70, 80, 13)) * (rng.random((70, 80, 1)) < 0.7)
+    rows, cols = np.nonzero(frame.any(-1))
+    top, left = rows.min(), cols.min()
+    box = frame[top : rows.max() + 1, left : cols.max() + 1]
+    for radius in WINDOW_RADII_PX:
+        full = window_sums(integral_image(frame), rows, cols, radius)
+        cropped = window_sums(integral_image(box), rows - top, cols - left, radius)
+        np.testing.assert_array_equal(cropped, full)
+        assert np.abs(full).max() > 1.0  # real sums, not zeros on both sides
+
+
+def test_cross_and_diagonal_helpers_are_bit_equal_to_numpy():
+    rng = np.random.default_rng(5)
+    a, b, m, v = (
+        rng.normal(size=(64, 3)),
+        rng.normal(size=(64, 3)),
+        rng.normal(size=(64, 3, 3)),
+        rng.normal(size=64),
+    )
+    np.testing.assert_array_equal(_cross(a, b), np.cross(a, b))
+    np.testing.assert_array_equal(_minus_diagonal(m, v), m - v[:, None, None] * np.eye(3))
