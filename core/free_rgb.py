@@ -75,8 +75,17 @@ def block_sums(values_hwc: np.ndarray) -> np.ndarray:
     return values_hwc.reshape(g, BLOCK_PX, g, BLOCK_PX, -1).sum(axis=(1, 3), dtype=np.float64)
 
 
+def block_counts(weight_hw: np.ndarray) -> np.ndarray:
+    """Block sums of the validity weights and of ones, (224, 224) -> (56, 56, 2) float64."""
+    return block_sums(np.stack([weight_hw, np.ones_like(weight_hw)], axis=-1))
+
+
 def pooled_moments(
-    blocks_ggc: np.ndarray, weight_hw: np.ndarray, window: tuple[int, np.ndarray], n_mean: int
+    blocks_ggc: np.ndarray,
+    weight_hw: np.ndarray,
+    window: tuple[int, np.ndarray],
+    n_mean: int,
+    counts_ggc: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Masked means (and stds) over each patch window from weighted 4x4 block sums, plus valid coverage.
 
@@ -85,13 +94,13 @@ def pooled_moments(
             weight * map² for the first C - n_mean of them.
         weight_hw: (224, 224) float validity weights. window: NEAR_WINDOW or FAR_WINDOW.
         n_mean: number of leading channels that are first moments.
+        counts_ggc: `block_counts(weight_hw)` when the caller already has it (one frame pools three times).
 
     Returns:
         (mean (28, 28, n_mean), std (28, 28, C - n_mean), coverage (28, 28)) float64; statistics of windows
         with coverage below MIN_COVERAGE shrink towards 0, and are exactly 0 where nothing is valid.
     """
-    ones = np.ones_like(weight_hw)
-    counts = block_sums(np.stack([weight_hw, ones], axis=-1))
+    counts = block_counts(weight_hw) if counts_ggc is None else counts_ggc
     sums = _window_sum(np.concatenate([blocks_ggc, counts], axis=-1), window)
     s0, total = sums[..., -2], sums[..., -1]
     den = np.maximum(s0, MIN_COVERAGE * total)[..., None]
@@ -102,12 +111,19 @@ def pooled_moments(
     return mean, np.sqrt(var) * (s0[..., None] / den), s0 / total
 
 
+def _pixel_block_index() -> np.ndarray:
+    """Flat 4x4-block index of every pixel of the 224x224 grid, (224*224,) int64 (a constant)."""
+    rows, cols = np.divmod(np.arange(IMAGE_SIZE * IMAGE_SIZE), IMAGE_SIZE)
+    return (rows // BLOCK_PX) * (IMAGE_SIZE // BLOCK_PX) + cols // BLOCK_PX
+
+
+_PIXEL_BLOCK_X10 = _pixel_block_index() * 10  # computed once at import, not twice per frame
+
+
 def lbp_block_counts(codes_hw: np.ndarray, weight_hw: np.ndarray) -> np.ndarray:
     """Weighted histogram of LBP codes (0..9) per 4x4 block, (224, 224) -> (56, 56, 10) float64."""
     g = IMAGE_SIZE // BLOCK_PX
-    rows, cols = np.divmod(np.arange(IMAGE_SIZE * IMAGE_SIZE), IMAGE_SIZE)
-    block = (rows // BLOCK_PX) * g + cols // BLOCK_PX
-    counts = np.bincount(block * 10 + codes_hw.ravel(), weights=weight_hw.ravel(), minlength=g * g * 10)
+    counts = np.bincount(_PIXEL_BLOCK_X10 + codes_hw.ravel(), weights=weight_hw.ravel(), minlength=g * g * 10)
     return counts.reshape(g, g, 10)
 
 
@@ -160,16 +176,17 @@ def rgb_descriptor_groups(scan: PreparedScan) -> dict[str, np.ndarray]:
     )
     w = weight[..., None]
     stat_blocks = block_sums(np.concatenate([stat_maps * w, stat_maps * stat_maps * w], -1))
-    near_mean, near_std, coverage = pooled_moments(stat_blocks, weight, NEAR_WINDOW, 6)
+    counts = block_counts(weight)
+    near_mean, near_std, coverage = pooled_moments(stat_blocks, weight, NEAR_WINDOW, 6, counts)
     # Mean-only maps: structure-tensor terms (3) and the two LBP histograms (10 + 10).
     tensor_blocks = block_sums(tensor_fine[..., :3] * w)
     lbp_blocks = [lbp_block_counts(lbp_riu2(img[..., 0], r), weight) for img, r in ((fine, 1), (coarse, 2))]
     near_only, _, _ = pooled_moments(
-        np.concatenate([tensor_blocks, *lbp_blocks], -1), weight, NEAR_WINDOW, 23
+        np.concatenate([tensor_blocks, *lbp_blocks], -1), weight, NEAR_WINDOW, 23, counts
     )
     # Wider context for edge strength and orientation: |grad L| fine and coarse, then the tensor terms.
     far_blocks = np.concatenate([stat_blocks[..., 3:5], tensor_blocks], -1)
-    far_mean, _, _ = pooled_moments(far_blocks, weight, FAR_WINDOW, 5)
+    far_mean, _, _ = pooled_moments(far_blocks, weight, FAR_WINDOW, 5, counts)
     return {
         "colour": np.concatenate(
             [near_mean[..., :3] / LAB_MEAN_SCALE, near_std[..., :3] / LAB_STD_SCALE], -1
