@@ -332,7 +332,9 @@ class Updater:
         timings["verify_dir_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         try:
-            model = station_model_from_manifest(root, manifest, self.cfg.backend)
+            model = station_model_from_manifest(
+                root, manifest, self.cfg.backend, precision=self.cfg.precision
+            )
         except (M3DMError, OSError, RuntimeError, ValueError) as err:
             raise UpdateFailedError("load", f"{type(err).__name__}: {err}") from None
         timings["load_ms"] = (time.perf_counter() - t) * 1e3
@@ -531,6 +533,7 @@ def start_for_station(station: Any) -> Updater | None:
         cfg,
         curve_dir=cfg.curve_dir or station.cfg.curve_dir,
         signing_key=cfg.signing_key or station.cfg.key,
+        precision=station.cfg.precision,  # a station told fp32 loads every offered bundle's fp32 graphs
     )
     if cfg.curve_dir is None or cfg.signing_key is None:
         raise UpdateFailedError("config", "the updater needs curve_dir and a bundle signing key")

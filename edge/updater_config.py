@@ -27,6 +27,7 @@ class UpdaterConfig:
     checkin_s: float = 5.0
     request_timeout_s: float = 5.0
     backend: str = "auto"
+    precision: str | None = None  # the station's StationConfig.precision (filled in at start)
 
     def __post_init__(self) -> None:
         if self.checkin_s <= 0 or self.request_timeout_s <= 0:
