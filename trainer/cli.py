@@ -416,12 +416,15 @@ def export(
     engine: Annotated[
         bool, typer.Option(help="Also build TensorRT engines (needs a GPU and TensorRT).")
     ] = False,
+    engine_precision: Annotated[
+        str, typer.Option(help="TensorRT precision: fp32 | fp16 | int8 (int8 writes onnx/<net>.int8.calib).")
+    ] = "fp16",
     as_json: Annotated[bool, typer.Option("--json", help="Print parity reports as JSON.")] = False,
 ) -> None:
     """Export the networks to ONNX (opset 17, dynamic batch) and check parity against torch."""
     from trainer.pipeline import export_models
 
-    report = export_models(model, weights_dir, engine)
+    report = export_models(model, weights_dir, engine, engine_precision)
     if as_json:
         emit_json(report)
 

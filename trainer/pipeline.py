@@ -171,8 +171,16 @@ def _real_network_inputs(info: Any) -> dict[str, Any]:
     }
 
 
-def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dict[str, Any]:
-    """Export this class's networks to `class_dir/onnx/` and check each against torch."""
+def export_class(
+    class_dir: Path, weights_dir: Path | None, engine: bool, engine_precision: str = "fp16"
+) -> dict[str, Any]:
+    """Export this class's networks to `class_dir/onnx/` and check each against torch.
+
+    engine_precision (with `engine`): TensorRT "fp32" | "fp16" | "int8"; int8 calibrates on the same real
+    inputs as the parity check and writes `onnx/<name>.int8.calib`, which later builds (and stations) reuse.
+    """
+    if engine and engine_precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"engine precision must be fp32, fp16 or int8, not {engine_precision!r}")
     import numpy as np
     import torch
 
@@ -203,8 +211,9 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
         # tests/trainer/test_point_export.py proves equal to the Conv1d one (float64) and to its ONNX graph.
         point_module = point_module_for_export(preset, weights)
         jobs.append(("point", pointwise_point_module(point_module), point_inputs, ["group_features"]))
-    networks, parity = {}, {}
+    networks, parity, calibration = {}, {}, {}
     for name, module, inputs, outputs in jobs:
+        calibration[name] = [inputs]
         path = export_onnx(
             module,
             {k: torch.from_numpy(v) for k, v in inputs.items()},
@@ -232,12 +241,20 @@ def export_class(class_dir: Path, weights_dir: Path | None, engine: bool) -> dic
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_model_json(class_dir, raw)
-    engines = _build_engines(class_dir, networks) if engine else {}
+    engines = _build_engines(class_dir, networks, engine_precision, calibration) if engine else {}
     return {"class": info.class_name, "networks": networks, "parity": parity, "engines": engines}
 
 
-def _build_engines(class_dir: Path, networks: dict[str, str]) -> dict[str, str]:
-    """TensorRT engines next to the ONNX files (needs TensorRT and a GPU: never on CI machines)."""
+def _build_engines(
+    class_dir: Path,
+    networks: dict[str, str],
+    precision: str = "fp16",
+    calibration: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, str]:
+    """TensorRT engines next to the ONNX files (needs TensorRT and a GPU: never on CI machines).
+
+    INT8 reads `onnx/<name>.int8.calib` when it exists, else calibrates on `calibration[name]` and writes it.
+    """
     from edge.runners import build_engine, tensorrt_available
 
     if not tensorrt_available():
@@ -245,13 +262,22 @@ def _build_engines(class_dir: Path, networks: dict[str, str]) -> dict[str, str]:
     engines = {}
     for name, rel in networks.items():
         onnx_path = class_dir / rel
-        engine_path = onnx_path.with_suffix(".fp16.engine")
-        build_engine(onnx_path, engine_path, fp16=True, timing_cache_path=class_dir / "onnx" / "timing.cache")
+        engine_path = onnx_path.with_suffix(f".{precision}.engine")
+        build_engine(
+            onnx_path,
+            engine_path,
+            timing_cache_path=class_dir / "onnx" / "timing.cache",
+            precision=precision,
+            calibration_cache=onnx_path.with_suffix(".int8.calib") if precision == "int8" else None,
+            calibration_batches=(calibration or {}).get(name) if precision == "int8" else None,
+        )
         engines[name] = str(engine_path.relative_to(class_dir))
     return engines
 
 
-def export_models(model: Path, weights_dir: Path | None, engine: bool) -> dict[str, Any]:
+def export_models(
+    model: Path, weights_dir: Path | None, engine: bool, engine_precision: str = "fp16"
+) -> dict[str, Any]:
     from trainer.evaluate import class_dirs
 
-    return {"classes": [export_class(d, weights_dir, engine) for d in class_dirs(model)]}
+    return {"classes": [export_class(d, weights_dir, engine, engine_precision) for d in class_dirs(model)]}

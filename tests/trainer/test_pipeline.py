@@ -101,3 +101,31 @@ def test_a_corrupt_scan_is_skipped_logged_and_recorded(tiny_dataset: Path, tmp_p
     assert raw["provenance"]["train_count"] == 5
     ((skipped_source, reason),) = raw["provenance"]["skipped"]
     assert bad.stem in skipped_source and "tiff" in reason.lower()
+
+
+def test_engine_precision_is_checked_before_any_work(tiny_model: Path) -> None:
+    from core.errors import ConfigError
+    from trainer.pipeline import export_class
+
+    before = (tiny_model / "model.json").read_bytes()
+    with pytest.raises(ConfigError, match="engine precision must be fp32, fp16 or int8, not 'int4'"):
+        export_class(tiny_model, None, engine=True, engine_precision="int4")
+    assert (tiny_model / "model.json").read_bytes() == before  # nothing re-exported
+
+
+@pytest.mark.gpu
+def test_int8_engines_calibrate_once_and_reuse_the_cache(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from trainer.pipeline import export_class
+
+    model = tmp_path / tiny_model.name
+    shutil.copytree(tiny_model, model)
+    first = export_class(model, None, engine=True, engine_precision="int8")
+    assert first["engines"] == {"uff": "onnx/uff.int8.engine"}
+    cache = model / "onnx" / "uff.int8.calib"
+    assert cache.stat().st_size > 0
+    written = cache.read_bytes()
+    (model / "onnx" / "uff.int8.engine").unlink()
+    export_class(model, None, engine=True, engine_precision="int8")  # scales from the cache, no batches run
+    assert cache.read_bytes() == written and (model / "onnx" / "uff.int8.engine").stat().st_size > 0
