@@ -58,7 +58,9 @@ def run(  # noqa: PLR0913 - one flag per setting, as documented in the issue
     outbox: Annotated[Path | None, typer.Option(help="SQLite outbox file.")] = None,
     curve_dir: Annotated[Path | None, typer.Option(help="This station's CURVE keypair folder.")] = None,
     collector_key: Annotated[Path | None, typer.Option(help="Collector public key file or folder.")] = None,
-    variant: Annotated[str | None, typer.Option(help="Decision variant (default rgb+point+fusion).")] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="Decision variant (default: the bundle's own, e.g. rgb+point+fusion).")
+    ] = None,
     sink: Annotated[
         list[str] | None,
         typer.Option(help="Decision sink URI, repeatable: stdout:, mqtt://HOST:PORT, plug-ins."),
@@ -121,7 +123,7 @@ def score(
     ],
     bundle: Annotated[Path, typer.Option(help="Signed bundle folder or .tar.")],
     key: Annotated[Path | None, typer.Option(help="Bundle signing public key (file or folder).")] = None,
-    variant: Annotated[str, typer.Option(help="Decision variant.")] = "rgb+point+fusion",
+    variant: Annotated[str | None, typer.Option(help="Decision variant (default: the bundle's own).")] = None,
     backend: Annotated[str, typer.Option(help="auto | ort | trt")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of results.")] = False,
 ) -> None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import ConfigError
-from edge.model_slot import DEFAULT_VARIANT
 from edge.outbox import OutboxLimits
 from edge.updater_config import UpdaterConfig
 from edge.uplink import UplinkConfig
@@ -31,7 +30,7 @@ class StationConfig:
     key: Path | None = None  # bundle signing public key (file or folder); required (see insecure_no_verify)
     backend: str = "auto"  # auto | ort | trt
     precision: str | None = None  # None: the bundle's own graphs; "fp32": an int8 bundle's fp32 graphs
-    variant: str = DEFAULT_VARIANT
+    variant: str | None = None  # None: the bundle's own decision variant (manifest thresholds.variant)
     collector: str | None = None  # tcp://HOST:PORT; None = sinks only, nothing stored or sent
     curve_dir: Path | None = None  # this station's CURVE keypair folder (m3dm keys gen)
     collector_key: Path | None = None  # the collector's public key file or folder

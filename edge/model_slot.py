@@ -22,7 +22,7 @@ from typing import Any
 from core.errors import ConfigError
 from core.model import VARIANTS
 
-__all__ = ["DEFAULT_VARIANT", "Policy", "SlotState", "ModelSlot", "manifest_threshold"]
+__all__ = ["DEFAULT_VARIANT", "effective_variant", "Policy", "SlotState", "ModelSlot", "manifest_threshold"]
 
 DEFAULT_VARIANT = "rgb+point+fusion"
 
@@ -31,11 +31,14 @@ DEFAULT_VARIANT = "rgb+point+fusion"
 class Policy:
     """How scores become decisions. threshold None = the bundle's own threshold (threshold_version 0).
 
+    variant: None = the bundle's own decision variant (its manifest's thresholds.variant), so an RGB-only
+    bundle decides on 'rgb' and a full one on its fused variant without the operator naming it.
+
     version: the runtime policy version that set `threshold` (carried in results as threshold_version).
     map_every_n_ok: attach the anomaly map to 1 in n OK results (0 = never; NOK results always carry it).
     """
 
-    variant: str = DEFAULT_VARIANT
+    variant: str | None = None
     threshold: float | None = None
     version: int = 0
     map_every_n_ok: int = 10
@@ -54,7 +57,12 @@ class SlotState:
 
     @property
     def variant(self) -> str:
-        return self.policy.variant
+        return effective_variant(self.model, self.policy)
+
+
+def effective_variant(model: Any, policy: Policy) -> str:
+    """The variant that decides: the policy's, else the bundle's own."""
+    return policy.variant if policy.variant is not None else str(model.manifest.thresholds.variant)
 
 
 def manifest_threshold(model: Any, variant: str) -> float:
@@ -69,13 +77,14 @@ def manifest_threshold(model: Any, variant: str) -> float:
 
 
 def _resolve(model: Any, policy: Policy) -> tuple[float, int]:
-    if policy.variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {policy.variant!r}; known: {', '.join(VARIANTS)}")
+    variant = effective_variant(model, policy)
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     if policy.map_every_n_ok < 0:
         raise ConfigError("map_every_n_ok must be >= 0")
     if policy.threshold is not None:
         return float(policy.threshold), policy.version
-    return manifest_threshold(model, policy.variant), 0
+    return manifest_threshold(model, variant), 0
 
 
 class ModelSlot:
@@ -126,7 +135,7 @@ class ModelSlot:
         if model is not None and sample_every_n < 1:
             raise ConfigError("shadow sample_every_n must be >= 1")
         if model is not None:
-            manifest_threshold(model, self._state.policy.variant)  # fail now, not on a frame
+            manifest_threshold(model, self._state.variant)  # fail now, not on a frame
         n = sample_every_n if model is not None else 0
         self._set(lambda old: replace(old, shadow=model, shadow_every_n=n))
 

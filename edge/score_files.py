@@ -63,7 +63,7 @@ class PathSource:
             yield frame_of(pair, pair.frame_id)
 
 
-def collect_results(model: Any, source: Any, variant: str = "rgb+point+fusion") -> list[Scored]:
+def collect_results(model: Any, source: Any, variant: str | None = None) -> list[Scored]:
     """Run a finite source through the pipeline (block backpressure: nothing dropped); every Scored."""
     out: list[Scored] = []
     slot = ModelSlot(model, Policy(variant=variant))
@@ -76,7 +76,7 @@ def collect_results(model: Any, source: Any, variant: str = "rgb+point+fusion") 
 
 
 def score_paths(
-    paths: Sequence[Path], bundle: Path, key: Path | None, variant: str, backend: str
+    paths: Sequence[Path], bundle: Path, key: Path | None, variant: str | None, backend: str
 ) -> list[dict[str, Any]]:
     from edge.station_model import open_bundle
 

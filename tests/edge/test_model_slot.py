@@ -46,13 +46,22 @@ def test_runtime_threshold_is_versioned_and_reset_by_swap_unless_kept() -> None:
 def test_variant_without_threshold_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="threshold for 'rgb\\+point\\+fusion', not 'rgb'"):
         ModelSlot(fake_model("1", 0.5), Policy(variant="rgb"))
-    slot = ModelSlot(fake_model("1", 0.5))
+    slot = ModelSlot(fake_model("1", 0.5), Policy(variant="rgb+point+fusion"))
     with pytest.raises(ConfigError, match="has a threshold for 'point', not 'rgb\\+point\\+fusion'"):
         slot.swap(fake_model("2", 0.5, variant="point"))
     assert slot.current().model.manifest.version == "1"
     # a runtime threshold makes any variant usable
     slot.set_policy(threshold=1.5, variant="rgb", version=1)
     assert slot.current().variant == "rgb" and slot.current().threshold == 1.5
+
+
+def test_an_unpinned_policy_decides_on_each_bundles_own_variant() -> None:
+    slot = ModelSlot(fake_model("1", 0.5, variant="rgb"))
+    assert (slot.current().variant, slot.current().threshold) == ("rgb", 0.5)
+    slot.swap(fake_model("2", 0.8))  # an update to a full bundle decides on its fused variant
+    assert (slot.current().variant, slot.current().threshold) == ("rgb+point+fusion", 0.8)
+    with pytest.raises(ConfigError, match="unknown variant 'rgb\\+depth'"):
+        ModelSlot(fake_model("3", 0.5, variant="rgb+depth"))
 
 
 def test_shadow_and_listeners() -> None:

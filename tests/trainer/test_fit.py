@@ -176,8 +176,9 @@ def test_an_rgb_only_bundle_ships_the_rgb_variant_and_the_station_scores_rgb_onl
     assert station.score_raw(with_xyz).image["rgb"] == pytest.approx(scores.image["rgb"], rel=1e-6)
 
     with pytest.raises(ConfigError, match="use --variant 'rgb'"):
-        ModelSlot(station)  # the default rgb+point+fusion policy has no threshold in this bundle
-    slot = ModelSlot(station, Policy(variant="rgb"))
+        ModelSlot(station, Policy(variant="rgb+point+fusion"))  # a pinned fused variant has no threshold here
+    slot = ModelSlot(station)  # by default the station decides on the bundle's own variant: rgb
+    assert slot.current().variant == "rgb"
     frame = Frame("f1", 0.0, raw, None, str(ref.rgb_path))
     result, _ = scored_result(frame, slot.current(), scores, {}, ResultOptions("s1"), with_map=False)
     assert result.variant == "rgb" and result.bank_scores == {"rgb": pytest.approx(scores.image["rgb"])}
