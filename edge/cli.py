@@ -122,7 +122,15 @@ def score(
         list[Path], typer.Argument(help="Scan folders, or rgb/xyz files of MVTec-layout pairs.")
     ],
     bundle: Annotated[Path, typer.Option(help="Signed bundle folder or .tar.")],
-    key: Annotated[Path | None, typer.Option(help="Bundle signing public key (file or folder).")] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="Bundle signing public key (file or folder); required.")
+    ] = None,
+    insecure_no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-verify", help="Score WITHOUT checking the bundle's signature (lab only)."
+        ),
+    ] = False,
     variant: Annotated[str | None, typer.Option(help="Decision variant (default: the bundle's own).")] = None,
     backend: Annotated[str, typer.Option(help="auto | ort | trt")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of results.")] = False,
@@ -133,6 +141,13 @@ def score(
     from edge.score_files import score_paths
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if key is None and not insecure_no_verify:
+        # the same rule as `edge run`: a score from an unverified bundle is not a station's score
+        raise _fail(
+            "no bundle signing key: pass --key PUB (or, on a lab bench only, --insecure-no-verify)", 2
+        )
+    if key is None:
+        logging.getLogger("m3dm.edge").error("INSECURE: scoring %s WITHOUT signature verification", bundle)
     try:
         results = score_paths(paths, bundle, key, variant, backend)
     except _expected_errors() as err:

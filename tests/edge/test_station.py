@@ -129,6 +129,15 @@ def test_without_a_key_the_station_refuses_to_start_and_scores_nothing(
     assert "Traceback" not in proc.stderr and proc.stdout.strip() == ""  # not one decision
 
 
+def test_edge_score_without_a_key_refuses_and_prints_no_score(fleet_bundle: dict, station_env: dict) -> None:
+    good = fleet_bundle["data"] / fleet_bundle["class_name"] / "test" / "good"
+    cmd = [*M3DM, "edge", "score", str(good), "--bundle", str(fleet_bundle["bundle"]), "--json"]
+    proc = subprocess.run(cmd, env=station_env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: no bundle signing key" in proc.stderr and "--insecure-no-verify" in proc.stderr
+    assert proc.stdout.strip() == ""
+
+
 def test_insecure_no_verify_scores_an_unsigned_bundle_with_one_loud_line(
     fleet_bundle: dict, station_env: dict, tmp_path: Path
 ) -> None:
