@@ -316,3 +316,23 @@ def test_a_normaliser_for_another_bank_count_is_refused() -> None:
     two = ScoreNormaliser(np.zeros(2), np.ones(2), np.zeros(2), np.ones(2))
     with pytest.raises(ConfigError, match="^normaliser must cover 3 banks, got 2$"):
         FrameScorer(banks, _dlf(), two, None, ScoreConfig())
+
+
+def test_combine_feeds_the_dlf_normalised_scores_when_the_model_has_a_normaliser() -> None:
+    norm = ScoreNormaliser(
+        np.array([1.0, 2.0, 4.0]),
+        np.array([2.0, 0.5, 4.0]),
+        np.array([0.5, 1.0, 3.0]),
+        np.array([1.0, 2.0, 0.5]),
+    )
+    scorer = _scorer(normaliser=norm)
+    bank_image = np.array([10.0, 2.0, 3.0], np.float32)
+    bank_maps = np.stack([np.full((224, 224), v, np.float32) for v in (10.0, 2.0, 3.0)])
+    scores = scorer.combine(bank_image, bank_maps)
+    image_z = (bank_image - [1.0, 2.0, 4.0]) / [2.0, 0.5, 4.0] + 3.0  # no rgb lambda on z-scores
+    pixel_z = (bank_image - [0.5, 1.0, 3.0]) / [1.0, 2.0, 0.5] + 3.0
+    assert scores.image["rgb"] == 10.0  # single banks stay raw
+    assert scores.image["rgb+point"] == pytest.approx(0.3 * image_z[0] + 0.7 * image_z[1], rel=1e-6)
+    assert scores.maps["rgb+point+fusion"][7, 9] == pytest.approx(
+        float(np.dot([0.2, 0.5, 0.3], pixel_z)), rel=1e-6
+    )
