@@ -42,7 +42,11 @@ reliability *args:
 # minutes to hours on 2 cores, NOT part of CI. Results: runs/mutate/<module>/results.txt; see TESTING.md.
 mutate:
     bench/mutate.sh protocol/manifest.py tests/protocol/test_manifest.py
-    bench/mutate.sh protocol/errors.py tests/protocol/test_errors.py
-    bench/mutate.sh protocol/frames.py,protocol/messages.py,protocol/config.py,protocol/errors.py tests/protocol
+    bench/mutate.sh protocol/frames.py,protocol/messages.py,protocol/errors.py tests/protocol/test_frames.py tests/protocol/test_messages.py tests/protocol/test_errors.py tests/protocol/test_manifest.py
+    bench/mutate.sh protocol/config.py tests/edge/test_config.py
     bench/mutate.sh edge/bundle.py tests/edge/test_bundle.py
-    bench/mutate.sh core/bank_codec.py,core/fusion.py,core/model.py,core/scoring.py,core/plane.py tests/core/test_bank_codec.py tests/core/test_fusion.py tests/core/test_model.py tests/core/test_scoring.py tests/core/test_plane.py
+    bench/mutate.sh core/fusion.py tests/core/test_fusion.py tests/core/test_model.py
+    bench/mutate.sh core/plane.py tests/core/test_plane.py
+    bench/mutate.sh core/model.py tests/core/test_model.py
+    bench/mutate.sh core/scoring.py tests/core/test_scoring.py
+    bench/mutate.sh core/bank_codec.py tests/core/test_bank_codec.py
