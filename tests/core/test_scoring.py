@@ -44,9 +44,9 @@ def test_nearest_neighbours_exact_zero_for_bank_rows() -> None:
 
 
 def test_nearest_neighbours_rejects_bad_input() -> None:
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"query \(3, 4\) and bank \(5, 3\) must be \(N, C\) and \(M, C\)"):
         nearest_neighbours(np.zeros((3, 4), np.float32), np.zeros((5, 3), np.float32))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"k=3 must lie in \[1, bank rows=2\]"):
         nearest_neighbours(np.zeros((3, 4), np.float32), np.zeros((2, 4), np.float32), k=3)
 
 
@@ -80,7 +80,7 @@ def test_reweighting_is_stable_for_huge_distances() -> None:
     got = reweighted_image_score(query, bank, dist[:, 0], idx[:, 0], k=3)
     # The naive exp(s*/D) overflows float64 here; the stable form saturates w at 1.
     assert np.isfinite(got) and 0.5 * dist.max() <= got <= dist.max()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="reweighting needs k >= 2, got 1"):
         reweighted_image_score(query, bank, dist[:, 0], idx[:, 0], k=1)
 
 
@@ -133,11 +133,11 @@ def test_memory_bank_validates_and_caches_norms() -> None:
     feats = _rand((10, 4), 9)
     bank = _bank(feats, 8)
     np.testing.assert_allclose(bank.sq_norms_m, (feats**2).sum(axis=1), rtol=1e-6)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"feat_mean_c \(3,\) does not match C=4"):
         MemoryBank("x", feats, 8, np.zeros(3, np.float32), 1.0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="bank 'x': feat_scale must be > 0 and grid positive"):
         MemoryBank("x", feats, 8, np.zeros(4, np.float32), 0.0)
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match="bank feats contain NaN or inf"):
         _bank(np.full((3, 4), np.nan, np.float32), 8)
 
 
@@ -165,10 +165,10 @@ def test_score_bank_normalises_with_bank_stats_and_finds_anomaly() -> None:
     np.testing.assert_allclose(result.patch_dist_hw, ref, rtol=1e-4, atol=1e-6)
     row, col = np.unravel_index(np.argmax(result.map_hw), (56, 56))
     assert abs(row - 13.5) <= 2 and abs(col - 37.5) <= 2
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"bank 'point' expects \(14, 14, 6\) features, got \(14, 14, 5\)"):
         score_bank(query[:, :, :5], bank, ScoreConfig())
     query[0, 0, 0] = np.nan
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="features for bank 'point' contain NaN or inf"):
         score_bank(query, bank, ScoreConfig())
 
 

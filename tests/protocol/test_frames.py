@@ -302,7 +302,7 @@ def test_map_headers_at_the_limits_are_accepted(meta: MapMeta) -> None:
     ],
 )
 def test_map_headers_no_station_writes_are_refused(meta: MapMeta, reason: str) -> None:
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ProtocolError, match="^bad_message: ") as err:
         check_map_meta(meta)
     assert (err.value.code, err.value.reason) == ("bad_message", reason)
 
@@ -315,10 +315,10 @@ def test_dequantise_names_each_corruption() -> None:
         (zlib.compress(b"\0" * 10), "anomaly map has the wrong number of pixels"),
     ]
     for data, reason in cases:
-        with pytest.raises(ProtocolError) as err:
+        with pytest.raises(ProtocolError, match="^bad_message: anomaly map ") as err:
             dequantise_map(meta, data)
         assert (err.value.code, err.value.reason) == ("bad_message", reason)
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ProtocolError, match="^bad_message: anomaly map does not decompress: ") as err:
         dequantise_map(meta, b"not zlib at all")
     assert err.value.code == "bad_message" and err.value.reason.startswith(
         "anomaly map does not decompress: "
