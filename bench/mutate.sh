@@ -4,6 +4,7 @@
 # working tree during a long run do not mix with the mutants.
 #   bench/mutate.sh SOURCE_PATH[,SOURCE_PATH...] TEST_PATH [TEST_PATH...]
 #   e.g. bench/mutate.sh protocol/manifest.py tests/protocol
+#   MUTATE_ALSO_COPY=deploy/config bench/mutate.sh protocol/config.py tests/edge/test_config.py
 # Prints `mutmut results` (survivors) and writes the summary to $OUT_DIR (default runs/mutate/<name>).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,6 +21,10 @@ rm -rf "$work"; mkdir -p "$work" "$out"
   echo "pytest_add_cli_args="
   echo "    -p"; echo "    no:cacheprovider"; echo "    -x"; echo "    -q"
   echo "use_git_change_detection=False"
+  # data files the tests read that mutmut's mutants/ copy lacks (e.g. deploy/config for protocol/config.py)
+  if [ -n "${MUTATE_ALSO_COPY:-}" ]; then
+    echo "also_copy="; for a in ${MUTATE_ALSO_COPY//,/ }; do echo "    $a"; done
+  fi
 } > "$work/setup.cfg"
 cd "$work"
 "$repo/.venv/bin/mutmut" run --max-children "${MUTATE_CHILDREN:-1}" 2>&1 | tr "\r" "\n" | tail -n 3 | tee "$out/run.log"

@@ -1,0 +1,84 @@
+"""protocol.config.load_config on its own dataclasses: coercion by field type, error locations, tables."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from protocol.config import ConfigFileError, load_config
+
+
+@dataclass(frozen=True)
+class _Inner:
+    port: int = 1
+    root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        if self.port < 0:
+            raise ValueError(f"port must be >= 0, got {self.port}")
+
+
+@dataclass(frozen=True)
+class _Role:
+    rate_hz: float = 1.0
+    count: int = 0
+    flag: bool = False
+    data: Path | None = None
+    paths: tuple[Path, ...] = ()
+    pair: tuple[int, str] = (0, "")
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def _toml(tmp_path: Path, text: str, name: str = "role") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_values_are_coerced_by_field_type(tmp_path: Path) -> None:
+    text = 'rate_hz = 5\ncount = 3\ndata = "/d"\npaths = ["a", "b"]\npair = [7, "x"]\n'
+    cfg = load_config(_Role, _toml(tmp_path, text + '[inner]\nport = 9\nroot = "/r"\n'))
+    assert cfg.rate_hz == 5.0 and type(cfg.rate_hz) is float  # a TOML int for a float field
+    assert cfg.count == 3 and type(cfg.count) is int
+    assert cfg.data == Path("/d") and cfg.paths == (Path("a"), Path("b"))  # Optional[Path], tuple of Paths
+    assert cfg.pair == (7, "x")  # tuple[int, str]: a tuple, items as written
+    assert cfg.inner == _Inner(port=9, root=Path("/r"))
+
+
+def test_a_bool_is_not_turned_into_a_float_and_a_string_stays_a_string(tmp_path: Path) -> None:
+    cfg = load_config(_Role, None, {"rate_hz": True, "count": 2})
+    assert cfg.rate_hz is True  # not 1.0: the dataclass sees what the user wrote
+    cfg = load_config(_Role, None, {"pair": [1, "a"], "data": None})
+    assert cfg.pair == (1, "a") and cfg.data is None
+    assert load_config(_Role, None, {"paths": "ab"}).paths == "ab"  # only lists become tuples
+
+
+def test_errors_name_the_file_and_the_key_path(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "[inner]\nport = -1\n")
+    # A nested table's error is wrapped again by the outer level, so the location shows twice
+    # ("role.toml: role.toml.inner: ..."); these tests pin what the code says today.
+    with pytest.raises(ConfigFileError, match=rf"{re.escape(str(path))}\.inner: port must be >= 0, got -1$"):
+        load_config(_Role, path)
+    with pytest.raises(
+        ConfigFileError,
+        match=r"^_Role: _Role\.inner: unknown key\(s\) \['colour'\]; known: \['port', 'root'\]$",
+    ):
+        load_config(_Role, None, {"inner": {"colour": 1}})
+    with pytest.raises(
+        ConfigFileError, match=rf"^{re.escape(str(tmp_path / 'absent.toml'))}: \[Errno 2\] No such file"
+    ):
+        load_config(_Role, tmp_path / "absent.toml")
+
+
+def test_a_table_is_read_when_named_and_must_be_a_table(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'count = 1\nstation = "x"\n[role]\ncount = 4\n')
+    assert load_config(_Role, _toml(tmp_path, "count = 1\n[role]\ncount = 4\n", "t"), table="role").count == 4
+    assert (
+        load_config(_Role, _toml(tmp_path, "count = 2\n", "m"), table="missing").count == 0
+    )  # absent: defaults
+    with pytest.raises(ConfigFileError, match=r"^.*role\.toml: \[station\] must be a table$"):
+        load_config(_Role, path, table="station")
+    assert load_config(_Role, _toml(tmp_path, "count = 5\n", "top")).count == 5  # no table: the top level
