@@ -43,7 +43,7 @@ reliability *args:
 mutate:
     bench/mutate.sh protocol/manifest.py tests/protocol/test_manifest.py
     bench/mutate.sh protocol/frames.py,protocol/messages.py,protocol/errors.py tests/protocol/test_frames.py tests/protocol/test_messages.py tests/protocol/test_errors.py tests/protocol/test_manifest.py
-    bench/mutate.sh protocol/config.py tests/edge/test_config.py
+    MUTATE_ALSO_COPY=deploy/config bench/mutate.sh protocol/config.py tests/edge/test_config.py tests/protocol/test_config.py
     bench/mutate.sh edge/bundle.py tests/edge/test_bundle.py
     bench/mutate.sh core/fusion.py tests/core/test_fusion.py tests/core/test_model.py
     bench/mutate.sh core/plane.py tests/core/test_plane.py
