@@ -19,7 +19,9 @@ from trainer.models.point_mae import PointMAEEncoder
 def _model(point_bn: str) -> PointMAEEncoder:
     """A small encoder (4 blocks) with random weights and BatchNorm running stats far from the batch's."""
     torch.manual_seed(0)
-    model = PointMAEEncoder(depth=4, point_bn=point_bn)  # block 3 is the first output block
+    model = PointMAEEncoder(
+        depth=4, point_bn=point_bn, output_blocks=(3,)
+    )  # the original's first output block
     random_init(model, seed=3)
     for bn in (model.encoder.first_conv[1], model.encoder.second_conv[1]):
         bn.running_mean.uniform_(-2.0, 2.0)
@@ -91,4 +93,4 @@ def test_official_presets_use_per_cloud_statistics_and_bad_modes_are_refused() -
     with pytest.raises(ConfigError, match="point_bn"):
         FeaturePreset("x", "free", "free", 224, 3, 3, point_bn="running")
     with pytest.raises(ValueError, match="point_bn"):
-        PointMAEEncoder(depth=1, point_bn="train")
+        PointMAEEncoder(depth=1, point_bn="train", output_blocks=(0,))
