@@ -250,13 +250,20 @@ def _stages(ms: dict) -> str:
 
 
 def to_markdown(results: list[dict]) -> str:
+    cores = os.cpu_count() or 1
+    worst_load = max(max(r["loadavg_before"][0], r["loadavg_after"][0]) for r in results)
+    # the wording follows the measured load, so a re-run on a quiet machine does not inherit a caveat
+    machine_state = (
+        f"**The machine was shared and loaded** while this ran (1-minute load up to {worst_load:.1f} on "
+        f"{cores} cores): upper bounds for latency, lower bounds for fps."
+        if worst_load > cores
+        else f"The machine was otherwise quiet (1-minute load at most {worst_load:.1f} on {cores} cores)."
+    )
     lines = [
         START,
         "## Station: end to end (`m3dm edge run` pipeline vs a naive reference)",
         "",
-        f"`python bench/station.py` — {platform.machine()}, {os.cpu_count()} cores, ONNX Runtime CPU. "
-        "**The machine was shared and loaded** while "
-        "this ran (load averages below, 2 cores): upper bounds for latency, lower bounds for fps.",
+        f"`python bench/station.py` — {platform.machine()}, {cores} cores, ONNX Runtime CPU. {machine_state}",
         "",
         "Station: five overlapping stages (capture, preprocess, features, score, decide) on bounded queues, "
         "the bundle's ONNX graphs on ONNX Runtime, exact kNN with background skip; the test scans replayed "
