@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from wire_samples import ALL_MESSAGES, samples  # noqa: E402
+from wire_samples import ALL_MESSAGES, msgpack_values, samples  # noqa: E402
 
 from protocol.frames import ProtocolError, blob_bytes, decode, dequantise_map, encode  # noqa: E402
 from protocol.messages import InspectionResult  # noqa: E402
@@ -44,17 +44,6 @@ STRATEGIES = ("frames", "splice", "doc", "mutate")
 SAMPLES = samples()
 HEADERS = [bytes(encode(m)[0]) for m, _ in SAMPLES]
 DOCS = [msgspec.to_builtins(m) for m, _ in SAMPLES]
-
-msgpack_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=8)
-    | st.binary(max_size=16),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10,
-)
 
 
 class Tally:

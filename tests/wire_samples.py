@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import strategies as st
 
 from protocol.frames import quantise_map
 from protocol.messages import Ack, Blob, ErrorReply, Heartbeat, InspectionResult, StationEvent
@@ -67,3 +68,16 @@ def samples() -> list[tuple[object, list[bytes]]]:
         (Ack(epoch=1, upto_seq=10, seqs=(12, 14), event_ids=("ab" * 16,)), []),
         (ErrorReply(code="bad_message", reason="no", ref_epoch=1, ref_seq=3), []),
     ]
+
+
+# Any msgpack-encodable value, nested a little: what the fuzzers splice into real headers (bench and tests).
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)

@@ -23,6 +23,7 @@ import msgspec
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from reliability.figures import record
+from wire_samples import msgpack_values
 
 from protocol.deploy_messages import (
     BundleOffer,
@@ -123,17 +124,6 @@ HEADERS = [bytes(encode(m)[0]) for m, _ in SAMPLES]
 DOCS = [msgspec.to_builtins(m) for m, _ in SAMPLES]
 TYPES = sorted({d["type"] for d in DOCS}) + ["result", "x", 3]
 LEAVES = [None, True, -1, 0, 2**64 - 1, -(2**63), 1e308, float("nan"), "", "x" * 9, b"\0" * 9, [], {}]
-
-msgpack_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats()
-    | st.text(max_size=8)
-    | st.binary(max_size=16),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10,
-)
 
 
 class Tally:
