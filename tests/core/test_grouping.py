@@ -82,3 +82,37 @@ def test_group_points_small_cloud_fills_groups() -> None:
 def test_bad_clouds_raise_shape_error(bad: np.ndarray) -> None:
     with pytest.raises(ShapeError, match="points must be a non-empty|points contain NaN or inf"):
         group_points(bad, num_groups=4, group_size=2)
+
+
+def test_fps_distances_come_from_float32_coordinates() -> None:
+    # Far from the origin: 998.99998 and 1001 both round to a float32 exactly 1 m from 1000, so the two
+    # candidates tie and the lower index wins; float64 arithmetic would see point 2 as 2e-5 m farther.
+    points = np.array([[1000.0, 0, 0], [1001.0, 0, 0], [999.0 - 2e-5, 0, 0]], dtype=np.float64)
+    assert np.float32(points[2, 0]) == np.float32(999.0)
+    assert farthest_point_sample(points, 2).tolist() == [0, 1]
+
+
+def test_fps_start_index_and_sample_count_bounds() -> None:
+    points = _cloud(6)
+    assert farthest_point_sample(points, 1).tolist() == [0]
+    assert farthest_point_sample(points, 3, start_index=5)[0] == 5
+    for n_samples, start in ((0, 0), (-1, 0), (3, 6), (3, -1)):
+        with pytest.raises(ShapeError, match=r"^need n_samples > 0 and 0 <= start_index < 6$"):
+            farthest_point_sample(points, n_samples, start)
+
+
+def test_knn_bounds_and_the_centre_check_names_the_centres() -> None:
+    points = _cloud(20)
+    assert knn_indices(points, points[:2], 1).tolist() == [[0], [1]]
+    for k in (0, -2):
+        with pytest.raises(ShapeError, match=rf"^k must be positive, got {k}$"):
+            knn_indices(points, points[:2], k)
+    with pytest.raises(ShapeError, match=r"^centers must be a non-empty \(N, 3\) array, got shape \(2, 2\)$"):
+        knn_indices(points, np.zeros((2, 2)), 3)
+    with pytest.raises(ShapeError, match="^centers contain NaN or inf$"):
+        knn_indices(points, np.array([[0.0, np.inf, 0.0]]), 3)
+
+
+def test_group_points_defaults_are_the_point_mae_sizes() -> None:
+    neighborhood, centers = group_points(_cloud(1500, seed=1))
+    assert neighborhood.shape == (1024, 128, 3) and centers.shape == (1024, 3)
