@@ -86,3 +86,68 @@ def test_bad_pixel_indices_raise() -> None:
         project_to_grid(feats, np.array([1, 2, SIZE * SIZE]))
     with pytest.raises(ShapeError, match=r"point_feats_nc must be \(2, C\), got \(3, 2\)"):
         project_to_grid(feats, np.array([1, 2]))
+
+
+def test_alignment_defaults_are_the_224_pixel_56_cell_grid(scene: dict[str, np.ndarray]) -> None:
+    args = (scene["points"], scene["pixel_index"], scene["centers"], scene["feats"])
+    np.testing.assert_array_equal(align_point_features(*args), align_point_features(*args, 224, 56))
+    assert align_point_features(*args).shape == (56, 56, 96)
+
+
+def test_group_feature_rows_must_match_the_centres(scene: dict[str, np.ndarray]) -> None:
+    short = scene["feats"][:-1]
+    with pytest.raises(ShapeError, match=r"^group_feats_gc must be \(256, C\), got \(255, 96\)$"):
+        interpolate_to_points(scene["points"], scene["centers"], short)
+    with pytest.raises(ShapeError, match=r"^group_feats_gc must be \(256, C\), got \(255, 96\)$"):
+        align_point_features(scene["points"], scene["pixel_index"], scene["centers"], short)
+
+
+def test_alignment_needs_one_pixel_index_per_point(scene: dict[str, np.ndarray]) -> None:
+    n = len(scene["points"])
+    with pytest.raises(ShapeError, match=rf"^{n} points but {n - 1} pixel indices$"):
+        align_point_features(scene["points"], scene["pixel_index"][:-1], scene["centers"], scene["feats"])
+
+
+def test_pixel_indices_must_be_one_dimensional_integers() -> None:
+    feats = np.ones((3, 2), np.float32)
+    with pytest.raises(ShapeError, match=r"^pixel_index_n must be a 1-D integer array, got float64 \(3,\)$"):
+        project_to_grid(feats, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ShapeError, match=r"^pixel_index_n must be a 1-D integer array, got int64 \(3, 1\)$"):
+        project_to_grid(feats, np.array([[1], [2], [3]]))
+    with pytest.raises(ShapeError, match=r"^pixel indices must be unique \(one point per pixel\)$"):
+        project_to_grid(feats, np.array([1, 1, 2]))
+
+
+def test_projection_defaults_are_the_224_pixel_56_cell_grid() -> None:
+    pixel_index = np.array([0, 5 * SIZE + 7, SIZE * SIZE - 1])
+    grid = project_to_grid(np.ones((3, 2), np.float32), pixel_index)
+    np.testing.assert_array_equal(grid, project_to_grid(np.ones((3, 2), np.float32), pixel_index, 224, 56))
+    assert grid.shape == (56, 56, 2) and grid.dtype == np.float32
+
+
+def test_interpolation_checks_point_and_centre_shapes_and_k() -> None:
+    points, centers, feats = np.zeros((5, 3)), np.eye(10, 3), np.ones((10, 2), np.float32)
+    with pytest.raises(
+        ShapeError, match=r"^points/centers must be \(N, 3\)/\(G, 3\), got \(5, 2\)/\(10, 3\)$"
+    ):
+        interpolate_to_points(points[:, :2], centers, feats)
+    with pytest.raises(
+        ShapeError, match=r"^points/centers must be \(N, 3\)/\(G, 3\), got \(5, 3\)/\(10, 2\)$"
+    ):
+        interpolate_to_points(points, centers[:, :2], feats)
+    with pytest.raises(ShapeError, match=r"^points/centers must be"):
+        interpolate_to_points(points[0], centers, feats)
+    for k in (0, 11):
+        with pytest.raises(ShapeError, match=rf"^k={k} needs 1\.\.10 centres$"):
+            interpolate_to_points(points, centers, feats, k=k)
+    for k in (1, 4, 10):  # 1, more than 3 (the coordinate count), and every centre are all valid
+        np.testing.assert_allclose(interpolate_to_points(points, centers, feats, k=k), 1.0, rtol=1e-6)
+
+
+def test_interpolation_with_k_1_copies_the_nearest_centre_and_keeps_unused_centres() -> None:
+    centers = np.array([[0.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [50.0, 50, 50]])  # the last one is nobody's
+    feats = np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
+    points = np.array([[0.1, 0, 0], [0.9, 0, 0], [0, 0.8, 0]])
+    np.testing.assert_array_equal(interpolate_to_points(points, centers, feats, k=1)[:, 0], [1.0, 2.0, 3.0])
+    three = interpolate_to_points(points, centers, feats, k=3)[:, 0]
+    assert three.shape == (3,) and np.all((three > 1.0) & (three < 3.0))  # weighted between used centres
