@@ -1,0 +1,142 @@
+"""core.features: what each backbone is fed, how its outputs land on the patch grids, and the free path.
+
+The networks are small numpy Runners (the `core.runner.Runner` protocol) that record their inputs and
+return features computed from them, so the wiring (shapes, grouping, alignment, row-major grids) is
+checked against the real core functions it composes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from core.config import get_preset
+from core.errors import ConfigError, EmptyCloudError
+from core.features import FeatureRunners, extract_features, point_features, rgb_features
+from core.free_features import point_descriptor, rgb_descriptor
+from core.grouping import group_points
+from core.pfa import align_point_features
+from core.runner import Runner
+from core.scan import PreparedScan
+
+S = 224
+# The m3dm preset with a small point grouping: the wiring is the same, the FPS is ~100x cheaper.
+NET = replace(get_preset("m3dm"), num_groups=32, group_size=8)
+FREE = get_preset("m3dm-free")
+
+
+class TokenRunner:
+    """A ViT stand-in: token t of (grid x grid) is the mean of its 8x8 pixel patch, plus t itself."""
+
+    backend = "numpy"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(inputs)
+        image = inputs["image"]
+        b, c, h, w = image.shape
+        patches = image.reshape(b, c, h // 8, 8, w // 8, 8).mean(axis=(3, 5))  # (b, c, 28, 28)
+        tokens = patches.transpose(0, 2, 3, 1).reshape(b, -1, c)
+        index = np.arange(tokens.shape[1], dtype=np.float64)[None, :, None]
+        return {"tokens": np.concatenate([tokens, np.broadcast_to(index, (b, tokens.shape[1], 1))], -1)}
+
+
+class GroupRunner:
+    """A Point-MAE stand-in: each group's feature is its centre and its mean neighbour offset."""
+
+    backend = "numpy"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.append(inputs)
+        feats = np.concatenate([inputs["centers"], inputs["neighborhood"].mean(axis=2)], -1)
+        return {"group_features": feats.astype(np.float32)}
+
+
+def _scan(valid_hw: np.ndarray | None = None, source: str = "cam0/17") -> PreparedScan:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:S, 0:S]
+    if valid_hw is None:
+        valid_hw = (yy - 112) ** 2 + (xx - 100) ** 2 < 60**2
+    xyz = np.stack([xx * 4e-4, yy * 4e-4, 0.5 + 1e-3 * np.sin(xx / 9.0)], -1)
+    xyz = np.where(valid_hw[..., None], xyz, 0.0).astype(np.float32)
+    rgb = np.where(valid_hw[..., None], rng.integers(0, 256, (S, S, 3)), 0).astype(np.uint8)
+    rgb_chw = rng.standard_normal((3, S, S)).astype(np.float32)
+    return PreparedScan(rgb_chw, rgb, xyz, valid_hw, source=source)
+
+
+def test_the_stand_ins_are_runners() -> None:
+    assert isinstance(TokenRunner(), Runner) and isinstance(GroupRunner(), Runner)
+
+
+def test_rgb_tokens_are_laid_out_row_major_on_the_rgb_grid() -> None:
+    scan, runner = _scan(), TokenRunner()
+    feats = rgb_features(scan, NET, runner)
+    (call,) = runner.calls
+    assert list(call) == ["image"] and call["image"].dtype == np.float32
+    np.testing.assert_array_equal(call["image"], scan.rgb_chw[None])
+    assert feats.shape == (28, 28, 4) and feats.dtype == np.float32 and feats.flags.c_contiguous
+    np.testing.assert_array_equal(
+        feats[..., 3], np.arange(28 * 28).reshape(28, 28)
+    )  # token t -> (t // 28, t % 28)
+    patch_mean = scan.rgb_chw[:, 8:16, 16:24].mean(axis=(1, 2))  # grid cell (1, 2)
+    np.testing.assert_allclose(feats[1, 2, :3], patch_mean, rtol=1e-5)
+
+
+def test_point_groups_are_fed_and_aligned_as_the_core_functions_define() -> None:
+    scan, runner = _scan(), GroupRunner()
+    feats = point_features(scan, NET, runner)
+    (call,) = runner.calls
+    pixel_index = np.flatnonzero(scan.valid_hw)
+    points = scan.xyz_hwc_m.reshape(-1, 3)[pixel_index]
+    neighborhood, centers = group_points(points, 32, 8)
+    assert sorted(call) == ["centers", "neighborhood"]
+    np.testing.assert_array_equal(call["neighborhood"], neighborhood[None])
+    np.testing.assert_array_equal(call["centers"], centers[None])
+    want = align_point_features(points, pixel_index, centers, runner.run(call)["group_features"][0], S, 56)
+    assert feats.shape == (56, 56, 6) and feats.dtype == np.float32
+    np.testing.assert_array_equal(feats, want)
+    assert (feats[0, 0] == 0).all() and (feats[28, 25] != 0).all()  # background corner, object centre
+
+
+def test_a_scan_without_points_names_its_source() -> None:
+    empty = _scan(np.zeros((S, S), bool))
+    with pytest.raises(EmptyCloudError, match="^cam0/17: no valid points to group$"):
+        point_features(empty, NET, GroupRunner())
+    with pytest.raises(EmptyCloudError, match="^no valid points to group$"):
+        point_features(_scan(np.zeros((S, S), bool), source=""), NET, GroupRunner())
+
+
+def test_network_presets_need_their_runners() -> None:
+    with pytest.raises(ConfigError, match="^preset m3dm needs an rgb network runner$"):
+        rgb_features(_scan(), NET, None)
+    with pytest.raises(ConfigError, match="^preset m3dm needs a point network runner$"):
+        point_features(_scan(), NET, None)
+    with pytest.raises(ConfigError, match="needs a point network runner"):
+        extract_features(_scan(), NET, FeatureRunners(rgb=TokenRunner()))
+
+
+def test_the_free_preset_uses_the_descriptors_and_no_runner() -> None:
+    scan = _scan()
+    got = extract_features(scan, FREE, FeatureRunners())
+    np.testing.assert_array_equal(got.rgb_hwc, rgb_descriptor(scan))
+    np.testing.assert_array_equal(got.point_hwc, point_descriptor(scan))
+    np.testing.assert_array_equal(rgb_features(scan, FREE, None), rgb_descriptor(scan))
+    np.testing.assert_array_equal(point_features(scan, FREE, None), point_descriptor(scan))
+
+
+def test_both_modalities_by_default_and_an_empty_point_grid_for_rgb_only() -> None:
+    scan = _scan()
+    both = extract_features(scan, NET, FeatureRunners(rgb=TokenRunner(), point=GroupRunner()))
+    assert both.rgb_hwc.shape == (28, 28, 4) and both.point_hwc.shape == (56, 56, 6)
+    points = GroupRunner()
+    rgb_only = extract_features(scan, NET, FeatureRunners(rgb=TokenRunner(), point=points), ("rgb",))
+    np.testing.assert_array_equal(rgb_only.rgb_hwc, both.rgb_hwc)
+    assert rgb_only.point_hwc.shape == (56, 56, 0) and rgb_only.point_hwc.dtype == np.float32
+    assert points.calls == []  # no point network run for an RGB-only model
