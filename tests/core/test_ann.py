@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import faiss
 import numpy as np
+import pytest
 
-from core.ann import FaissIndex, IvfLists
+from core.ann import FaissIndex, IvfLists, load_index
+from core.errors import ConfigError, CorruptFileError
 
 
 def ivf_flat(rows_mc: np.ndarray, nlist: int) -> faiss.IndexIVFFlat:
@@ -39,3 +42,94 @@ def test_ivf_lists_find_what_faiss_finds_and_hold_no_copy_of_the_rows() -> None:
     d_theirs = ((rows_mc[theirs] - queries_nc) ** 2).sum(axis=1)
     np.testing.assert_allclose(d_ours, d_theirs, rtol=1e-5)
     assert (ours == theirs).mean() > 0.99
+
+
+def _small_bank(rows: int = 2000, dim: int = 16, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, dim)).astype(np.float32), rng.standard_normal((50, dim)).astype(
+        np.float32
+    )
+
+
+def _exact_nearest(rows_mc: np.ndarray, queries_nc: np.ndarray) -> np.ndarray:
+    return ((queries_nc[:, None] - rows_mc[None]) ** 2).sum(-1).argmin(axis=1)
+
+
+def test_probing_every_list_is_exact_and_nprobe_is_capped_at_the_list_count() -> None:
+    rows_mc, queries_nc = _small_bank()
+    index = FaissIndex(ivf_flat(rows_mc, nlist=8), "ivf-flat", {"nprobe": 1})
+    lists = index._lists
+    assert lists is not None and lists.nprobe == 1 and index.rows == 2000
+    index.set_params({"nprobe": 100})
+    assert index._lists is lists and lists.nprobe == 8 and index.params == {"nprobe": 100}
+    assert faiss.extract_index_ivf(index.index).nprobe == 100
+    got = index.search(queries_nc)
+    assert got.dtype == np.int64 and got.shape == (50,)
+    np.testing.assert_array_equal(got, _exact_nearest(rows_mc, queries_nc))
+    assert IvfLists(faiss.extract_index_ivf(index.index), nprobe=99).nprobe == 8
+
+
+def test_one_probe_searches_only_the_nearest_list() -> None:
+    rows_mc, queries_nc = _small_bank()
+    index = FaissIndex(ivf_flat(rows_mc, nlist=8), "ivf-flat", {"nprobe": 1})
+    theirs = FaissIndex(index.index, "ivf-flat", {"nprobe": 1}, engine="faiss")
+    assert theirs._lists is None
+    np.testing.assert_array_equal(index.search(queries_nc), theirs.search(queries_nc))
+    # one list of eight: some queries' nearest row lies in another list, so nprobe is really 1
+    assert (index.search(queries_nc) != _exact_nearest(rows_mc, queries_nc)).any()
+
+
+def test_an_empty_query_and_queries_that_reach_only_empty_lists() -> None:
+    rows_mc, _ = _small_bank()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 4)
+    ivf.train(rows_mc)
+    _, list_of_row = ivf.quantizer.search(rows_mc, 1)
+    ivf.add(rows_mc[list_of_row[:, 0] == 0])  # every row of list 0, nothing in lists 1..3
+    centroids = ivf.quantizer.reconstruct_n(0, 4)
+    for engine in ("numpy", "faiss"):
+        index = FaissIndex(ivf, "ivf-flat", {"nprobe": 1}, engine=engine)
+        empty = index.search(np.zeros((0, 16), np.float32))
+        assert empty.shape == (0,) and empty.dtype == np.int64
+        assert index.search(centroids[:1]).shape == (1,)  # the populated list answers
+        with pytest.raises(
+            ConfigError, match=r"^ivf-flat index found no neighbour for some queries; raise \{'nprobe': 1\}$"
+        ):
+            index.search(centroids[1:])
+
+
+def test_hnsw_runs_in_faiss_with_its_ef_search() -> None:
+    rows_mc, queries_nc = _small_bank()
+    hnsw = faiss.IndexHNSWFlat(16, 16)
+    hnsw.add(rows_mc)
+    index = FaissIndex(hnsw, "hnsw", {"ef_search": 256})
+    assert index._lists is None and hnsw.hnsw.efSearch == 256 and index.rows == 2000
+    got = index.search(queries_nc.astype(np.float64))  # any float input is searched as float32
+    assert got.dtype == np.int64
+    assert (got == _exact_nearest(rows_mc, queries_nc)).mean() > 0.95
+    index.set_params({"ef_search": 17})
+    assert hnsw.hnsw.efSearch == 17
+
+
+def test_unknown_index_kind() -> None:
+    rows_mc, _ = _small_bank(rows=300)
+    with pytest.raises(ConfigError, match=r"^unknown ANN index kind 'flat'; known: ivf-flat, hnsw$"):
+        FaissIndex(ivf_flat(rows_mc, nlist=2), "flat", {"nprobe": 1})
+
+
+def test_load_index_checks_the_file_and_the_bank_it_covers(tmp_path: Path) -> None:
+    rows_mc, queries_nc = _small_bank()
+    saved = FaissIndex(ivf_flat(rows_mc, nlist=8), "ivf-flat", {"nprobe": 8})
+    path = tmp_path / "point.faiss"
+    saved.save(path)
+    loaded = load_index(str(path), "ivf-flat", {"nprobe": 8}, rows=2000, dim=16)
+    assert loaded.kind == "ivf-flat" and loaded.params == {"nprobe": 8} and loaded.rows == 2000
+    np.testing.assert_array_equal(loaded.search(queries_nc), saved.search(queries_nc))
+    for rows, dim in ((1999, 16), (2000, 15)):
+        with pytest.raises(
+            CorruptFileError, match=rf"point.faiss: faiss index is 2000x16, its bank is {rows}x{dim}$"
+        ):
+            load_index(path, "ivf-flat", {"nprobe": 8}, rows=rows, dim=dim)
+    (tmp_path / "bad.faiss").write_bytes(b"not an index")
+    with pytest.raises(CorruptFileError, match="bad.faiss: unreadable faiss index: ") as caught:
+        load_index(tmp_path / "bad.faiss", "ivf-flat", {"nprobe": 8}, rows=2000, dim=16)
+    assert caught.value.path == str(tmp_path / "bad.faiss")
