@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -27,6 +28,7 @@ __all__ = [
     "ParityReport",
     "check_parity",
     "export_onnx",
+    "inline_identity_initializers",
     "quantize_int8",
 ]
 
@@ -142,6 +144,36 @@ def check_parity(
     return report
 
 
+def inline_identity_initializers(model: onnx.ModelProto) -> int:
+    """Point consumers of `Identity(initializer)` at the initializer itself and drop the Identity; in place.
+
+    The TorchScript exporter emits an Identity per extra use of a weight (a layer applied to several
+    chunks, `trainer.point_export`); ORT's dynamic quantiser only quantises a MatMul whose B is an
+    initializer, so without this only the first use of each weight became int8. Exact: Identity is a no-op.
+
+    Returns:
+        The number of Identity nodes removed.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in graph_outputs
+    }
+    if not alias:
+        return 0
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(alias)
+
+
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     """ONNX Runtime dynamic int8 of a fp32 graph: MatMul/Gemm weights int8 per output channel, activations
     quantised per call (uint8), so no calibration set is needed and nothing is clipped by a stale range.
@@ -151,19 +183,27 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     convolutions are MatMuls), and a MatMul of two activations (attention, per-cloud BatchNorm statistics)
     would need a second dynamic range for little gain.
     """
+    import tempfile
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(src))
+    inlined = inline_identity_initializers(model)
     try:
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            extra_options={"MatMulConstBOnly": True},
-        )
+        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+            plain = Path(tmp) / "plain.onnx"
+            if inlined:
+                onnx.save(model, str(plain))
+            quantize_dynamic(
+                str(plain if inlined else src),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                extra_options={"MatMulConstBOnly": True},
+            )
     except Exception as err:  # the quantiser raises bare asserts and onnx errors alike
         raise ExportError(f"int8 quantisation of {src} failed: {err}") from err
     return dst

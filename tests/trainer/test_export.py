@@ -11,7 +11,15 @@ from torch import nn
 from core.errors import ShapeError
 from core.runner import Runner
 from edge.runners.ort import OrtRunner
-from trainer.export import FP32_ATOL, FP32_RTOL, ExportError, check_parity, export_onnx
+from trainer.export import (
+    FP32_ATOL,
+    FP32_RTOL,
+    ExportError,
+    check_parity,
+    export_onnx,
+    inline_identity_initializers,
+    quantize_int8,
+)
 from trainer.models.point_mae import PointMAEEncoder
 from trainer.models.uff import FeatureFusionBlock, UFFExport
 from trainer.torch_runner import TorchRunner
@@ -95,3 +103,36 @@ def test_torch_runner_is_a_runner_and_checks_names() -> None:
     assert out["fused"].dtype == np.float32 and out["fused"].shape == (1, 10, 80)
     with pytest.raises(ShapeError, match="expects inputs"):
         runner.run({"point_feats": np.zeros((1, 10, 48), np.float32)})
+
+
+class _SharedWeight(nn.Module):
+    """One Linear applied twice: the TorchScript exporter gives the second use its weight via Identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.lin(x), self.lin(2 * x)], dim=1)
+
+
+def test_identity_of_a_weight_is_inlined_so_every_use_is_quantised(tmp_path) -> None:
+    example = {"x": torch.randn(1, 4, 16)}
+    path = export_onnx(_SharedWeight(), example, ["y"], tmp_path / "shared.onnx")
+    model = onnx.load(str(path))
+    identities = [n for n in model.graph.node if n.op_type == "Identity"]
+    assert identities  # the exporter's pattern this guards against is still there
+
+    x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+    expected = OrtRunner(path).run({"x": x})["y"]
+    assert inline_identity_initializers(model) == len(identities)
+    assert not [n for n in model.graph.node if n.op_type == "Identity"]
+    onnx.save(model, str(tmp_path / "inlined.onnx"))
+    np.testing.assert_array_equal(OrtRunner(tmp_path / "inlined.onnx").run({"x": x})["y"], expected)
+    assert inline_identity_initializers(model) == 0  # nothing left to do
+
+    int8 = onnx.load(str(quantize_int8(path, tmp_path / "shared.int8.onnx")))
+    ops = [n.op_type for n in int8.graph.node]
+    assert sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops) == 2
+    assert "MatMul" not in ops

@@ -38,12 +38,15 @@ def _module(point_bn: str) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.parametrize("chunk_groups", [5, 64])  # 7 chunks (the last of 2 groups) / one chunk
 @pytest.mark.parametrize("point_bn", ["batch", "stored"])
-def test_matmul_form_equals_the_conv_form_per_cloud(point_bn: str) -> None:
-    # float64: the rewrite is exact algebra, so only float64 rounding may remain (fp32 differs by
+def test_matmul_form_equals_the_conv_form_per_cloud(point_bn: str, chunk_groups: int) -> None:
+    # float64: the rewrite is exact algebra (chunks, the first BatchNorm's statistics from the input
+    # covariance, the second's from per-chunk sums), so only float64 rounding may remain (fp32 differs by
     # summation order, amplified through 12 blocks to ~1e-4; the export parity test covers fp32)
     model = _module(point_bn).double()
-    rewritten = pointwise_point_module(model)
+    rewritten = pointwise_point_module(model, chunk_groups=chunk_groups)
+    assert rewritten.encoder.chunk_groups == chunk_groups
     inputs = {k: torch.from_numpy(v).double() for k, v in _inputs().items()}
     with torch.no_grad():
         expected = model(**inputs)
@@ -56,9 +59,15 @@ def test_matmul_form_equals_the_conv_form_per_cloud(point_bn: str) -> None:
     assert isinstance(model.encoder.first_conv[0], torch.nn.Conv1d)  # the original is left as it was
 
 
+def test_chunk_groups_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_groups must be >= 1, got 0"):
+        pointwise_point_module(_module("batch"), chunk_groups=0)
+
+
 def test_exported_graph_has_no_conv_and_int8_quantises_the_pointwise_layers(tmp_path) -> None:
     model = _module("batch")
-    rewritten = pointwise_point_module(model)
+    chunks = 4
+    rewritten = pointwise_point_module(model, chunk_groups=GROUPS // chunks)
     example = {k: torch.from_numpy(v) for k, v in _inputs(clouds=1).items()}
     path = export_onnx(rewritten, example, ["group_features"], tmp_path / "point.onnx")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
@@ -70,9 +79,12 @@ def test_exported_graph_has_no_conv_and_int8_quantises_the_pointwise_layers(tmp_
     int8_graph = onnx.load(str(int8)).graph
     int8_ops = [n.op_type for n in int8_graph.node]
     assert "ConvInteger" not in int8_ops
-    # 4 pointwise layers (the second split in two) + 12 blocks x 4 projections + 2 position-embedding layers
+    # per chunk lin2, lin3 (split in two) and lin4 (every chunk's, though the exporter gives repeated weights
+    # as Identity nodes), + 12 blocks x 4 projections + 2 position-embedding layers; lin1 is not: with
+    # per-cloud BatchNorm folded in, its weights are computed per cloud
     quantised = sum(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in int8_ops)
-    assert quantised == 5 + 12 * 4 + 2
+    assert quantised == 4 * chunks + 12 * 4 + 2
+    assert "Identity" not in int8_ops
     fp32 = OrtRunner(path).run(_inputs(clouds=1, seed=3))["group_features"][0]
     low = OrtRunner(int8).run(_inputs(clouds=1, seed=3))["group_features"][0]
     cos_g = (fp32 * low).sum(-1) / (np.linalg.norm(fp32, axis=-1) * np.linalg.norm(low, axis=-1))
