@@ -218,3 +218,144 @@ def test_masks_are_resized_with_pil_nearest_as_the_original_reads_them() -> None
     assert np.array_equal(resize_mask(mask, 224), expected)
     # ... which is not what legacy nearest gives: the difference this fix is about.
     assert (resize_nearest(mask, 224) != expected).sum() > 0
+
+
+BAD_SHAPES = [
+    (
+        np.zeros((10, 10, 3), np.float32),
+        None,
+        None,
+        r"rgb must be \(H, W, 3\) uint8, got \(10, 10, 3\) float32",
+    ),
+    (np.zeros((10, 10), np.uint8), None, None, r"rgb must be \(H, W, 3\) uint8, got \(10, 10\) uint8"),
+    (
+        np.zeros((10, 10, 3), np.uint8),
+        np.ones((10, 10, 4), np.float32),
+        None,
+        r"xyz must be \(H, W, 3\) float32 metres, got \(10, 10, 4\) float32",
+    ),
+    (
+        np.zeros((10, 10, 3), np.uint8),
+        np.ones((10, 10, 3), np.int32),
+        None,
+        r"xyz must be \(H, W, 3\) float32 metres, got \(10, 10, 3\) int32",
+    ),
+    (
+        np.zeros((10, 10, 3), np.uint8),
+        np.ones((10, 12, 3), np.float32),
+        None,
+        r"rgb is \(10, 10\) but xyz is \(10, 12\)",
+    ),
+    (
+        np.zeros((10, 10, 3), np.uint8),
+        None,
+        np.zeros((10, 11), np.uint8),
+        r"gt must be \(10, 10\) uint8, got \(10, 11\) uint8",
+    ),
+    (
+        np.zeros((10, 10, 3), np.uint8),
+        None,
+        np.zeros((10, 10), np.int16),
+        r"gt must be \(10, 10\) uint8, got \(10, 10\) int16",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rgb", "xyz", "gt", "message"), BAD_SHAPES)
+def test_each_bad_shape_is_named_with_its_source(rgb, xyz, gt, message) -> None:
+    with pytest.raises(ShapeError, match=f"^bad-src: {message}$"):
+        prepare_scan(RawScan(rgb, xyz, gt, "bad-src"), PreprocessConfig())
+
+
+def test_a_cloud_without_points_names_its_source_only_when_it_has_one() -> None:
+    with pytest.raises(
+        InvalidCloudError, match=r"^point cloud has no valid \(finite, non-zero\) point$"
+    ) as caught:
+        sanitize_xyz(np.zeros((4, 4, 3), np.float32))
+    assert caught.value.path is None
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(
+        InvalidCloudError, match=r"^cam-3: point cloud has no valid \(finite, non-zero\) point$"
+    ):
+        prepare_scan(
+            RawScan(rgb, np.full((20, 20, 3), np.nan, np.float32), None, "cam-3"), PreprocessConfig()
+        )
+
+
+def test_each_empty_stage_is_named() -> None:
+    raw = scene(200, 200)
+    xyz = raw.xyz_hwc_m.copy()
+    xyz[..., 2] = 0.4 + 0.1 * xyz[..., 0] + 0.05 * xyz[..., 1]
+    xyz[(raw.xyz_hwc_m == 0).any(-1)] = 0
+    with pytest.raises(EmptyCloudError, match="^plane-only: no valid point left after plane removal$"):
+        prepare_scan(RawScan(raw.rgb_hwc_u8, xyz, None, "plane-only"), PreprocessConfig())
+    # One point at (1, 1) of an 800-px frame: no border plane to fit, and legacy nearest never samples row 1.
+    one = np.zeros((800, 800, 3), np.float32)
+    one[1, 1] = (0.1, 0.1, 0.5)
+    rgb = np.zeros((800, 800, 3), np.uint8)
+    with pytest.raises(EmptyCloudError, match="^one-point: no valid point left after resizing to 224x224$"):
+        prepare_scan(RawScan(rgb, one, None, "one-point"), PreprocessConfig())
+    # Scattered single points: no cluster reaches cluster_min_points, so clustering leaves nothing.
+    sparse = np.zeros((200, 200, 3), np.float32)
+    sparse[20:180:20, 20:180:20] = (0.1, 0.1, 0.5)
+    cfg = PreprocessConfig(keep_largest_cluster=True)
+    with pytest.raises(
+        EmptyCloudError, match="^sparse: no valid point left after keeping the largest cluster$"
+    ):
+        prepare_scan(RawScan(np.zeros((200, 200, 3), np.uint8), sparse, None, "sparse"), cfg)
+
+
+def test_a_scan_without_border_plane_is_logged_and_used_as_is(caplog: pytest.LogCaptureFixture) -> None:
+    raw = scene(200, 200)
+    xyz = np.zeros_like(raw.xyz_hwc_m)
+    xyz[60:140, 60:140] = raw.xyz_hwc_m[60:140, 60:140]
+    with caplog.at_level("DEBUG", logger="m3dm.preprocess"):
+        prepare_scan(RawScan(raw.rgb_hwc_u8, xyz, None, "offline-7"), PreprocessConfig())
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "m3dm.preprocess",
+            "DEBUG",
+            "offline-7: no support plane on the borders; treating the scan as already plane-removed",
+        )
+    ]
+
+
+def test_the_plane_is_fitted_from_exactly_ransac_n_border_points() -> None:
+    # A noise-free plane with a box on it, its border strips empty but for 50 points (none in a corner
+    # block, which border_points counts twice): exactly ransac_n=50 points are enough for the plane fit.
+    v, u = np.mgrid[0:200, 0:200]
+    x, y = (u - 100) * 0.0004, (v - 100) * 0.0004
+    box = (np.abs(u - 100) < 33) & (np.abs(v - 100) < 33)
+    xyz = np.stack([x, y, 0.4 + 0.1 * x + 0.05 * y - 0.015 * box], -1).astype(np.float32)
+    border = np.zeros((200, 200), bool)
+    border[:10], border[-10:], border[:, :10], border[:, -10:] = True, True, True, True
+    keep = np.zeros((200, 200), bool)
+    keep[[2, 7], 12:187:7] = True  # 2 rows x 25 columns
+    xyz[border & ~keep] = 0
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    fitted = prepare_scan(RawScan(rgb, xyz, None, "edge"), PreprocessConfig(ransac_n=50))
+    assert 0.08 < fitted.valid_hw.mean() < 0.14  # the plane is gone, the box (1/9 of the frame) stays
+    as_is = prepare_scan(RawScan(rgb, xyz, None, "edge"), PreprocessConfig(ransac_n=51))
+    assert as_is.valid_hw.mean() > 0.6  # one point short: the scan is taken as already plane-removed
+
+
+def test_keep_largest_cluster_drops_a_separate_blob_only_when_asked() -> None:
+    raw = scene(200, 200)
+    xyz = raw.xyz_hwc_m.copy()
+    xyz[20:30, 20:30, 2] -= 0.03  # a 10x10 blob 3 cm above the plane, far from the box
+    kept = prepare_scan(RawScan(raw.rgb_hwc_u8, xyz, None, "blob"), PreprocessConfig())
+    dropped = prepare_scan(
+        RawScan(raw.rgb_hwc_u8, xyz, None, "blob"), PreprocessConfig(keep_largest_cluster=True)
+    )
+    blob = kept.valid_hw.copy()
+    blob[40:, :] = False  # the blob maps to rows/cols ~22-34 of the 224 grid; the box lies below row 70
+    assert blob.sum() > 50 and not (dropped.valid_hw & blob).any()
+    assert dropped.valid_hw.sum() > 0.9 * (kept.valid_hw.sum() - blob.sum())
+
+
+def test_rgb_only_scans_get_float32_zero_points_and_a_bool_mask_and_skip_clustering() -> None:
+    raw = scene(120, 160)
+    cfg = PreprocessConfig(keep_largest_cluster=True)
+    out = prepare_scan(RawScan(raw.rgb_hwc_u8, None, raw.gt_ids_hw, "rgb-only"), cfg)
+    assert out.xyz_hwc_m.shape == (224, 224, 3) and out.xyz_hwc_m.dtype == np.float32
+    assert out.valid_hw.shape == (224, 224) and out.valid_hw.dtype == bool and out.valid_hw.all()
