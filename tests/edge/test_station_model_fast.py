@@ -687,19 +687,25 @@ def test_int8_expectations_do_not_pass_for_the_fp32_graphs_or_the_other_way(fast
     assert not any(r.ok for r in replay_golden(swapped))
 
 
-def test_a_golden_input_that_cannot_be_scored_is_a_failed_result(fast: Fast, tmp_path: Path) -> None:
+def test_a_golden_input_that_cannot_be_scored_is_a_failed_result(
+    fast: Fast, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     copy = Path(shutil.copytree(fast.main, tmp_path / "copy"))
     victim = sealed(fast.main).golden[0]
     with np.load(copy / victim.input_path) as data:
         rgb = data["rgb"]
     np.savez_compressed(copy / victim.input_path, rgb=rgb)  # xyz gone
     model = open_bundle(copy, None, backend="ort")
-    bad, other = replay_golden(model)
+    with caplog.at_level(logging.ERROR, logger="m3dm.edge"):
+        bad, other = replay_golden(model)
     assert (bad.input_path, bad.ok, bad.map_sha256_exact) == (victim.input_path, False, False)
     assert (bad.expected, bad.map_mean_expected) == (victim.expected_image_score, victim.expected_map_mean)
     assert np.isnan(bad.actual) and np.isnan(bad.map_mean_actual)
     assert bad.reason.startswith("could not be scored: ") and "lacks array(s) ['xyz']" in bad.reason
     assert other.ok and other.reason == ""
+    why = bad.reason.removeprefix("could not be scored: ")
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"golden {victim.input_path} failed to score: {why}"]
 
 
 # --------------------------------------------------------------------------------- golden_scan input
@@ -751,6 +757,13 @@ def test_a_malformed_golden_input_is_a_corrupt_file(
     with pytest.raises(CorruptFileError, match=message) as err:
         golden_scan(tmp_path, "g.npz", needs_xyz)
     assert err.value.path == str(tmp_path / "g.npz")
+
+
+def test_golden_scan_wants_points_unless_told_otherwise(tmp_path: Path) -> None:
+    np.savez(tmp_path / "g.npz", rgb=np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(CorruptFileError, match=r"lacks array\(s\) \['xyz'\]"):
+        golden_scan(tmp_path, "g.npz")
+    assert golden_scan(tmp_path, "g.npz", needs_xyz=False).xyz_hwc_m is None
 
 
 def test_an_unreadable_or_missing_golden_input_is_a_corrupt_file(
