@@ -487,6 +487,17 @@ def test_dlf_weights_and_score_stats_reach_the_scorer_in_bank_order(fast: Fast) 
         np.testing.assert_array_equal(getattr(norm, f"{kind}_b"), [SCORE_STATS[b][kind] for b in BANKS])
 
 
+def test_a_scorer_takes_the_banks_it_is_given(fast: Fast) -> None:
+    from edge.station_model import scorer_from_manifest
+
+    given = {"rgb": fast.banks["rgb"].memory_bank(False)}
+    scorer = scorer_from_manifest(fast.rgb_only, sealed(fast.rgb_only), None, RGB_SCORE, banks=given)
+    assert scorer.banks["rgb"] is given["rgb"]
+    loaded = scorer_from_manifest(fast.rgb_only, sealed(fast.rgb_only), None, RGB_SCORE)
+    assert loaded.banks["rgb"] is not given["rgb"]
+    np.testing.assert_array_equal(loaded.banks["rgb"].feats_mc, given["rgb"].feats_mc)
+
+
 def test_a_bank_without_a_stats_file_or_with_wrong_stats_is_refused(fast: Fast, tmp_path: Path) -> None:
     from edge.station_model import memory_banks_from_manifest
 
@@ -525,8 +536,10 @@ def test_decisions_follow_the_bundles_threshold(fast: Fast) -> None:
 def test_a_frame_without_points_is_refused_by_an_rgb_point_model(fast: Fast) -> None:
     model = open_bundle(fast.main, fast.keys, backend="ort")
     raw = dataclasses.replace(fast.frames["good"], xyz_hwc_m=None)
-    with pytest.raises(MissingFileError, match="frame has no point cloud, but this model scores rgb"):
+    with pytest.raises(MissingFileError, match="frame has no point cloud, but this model scores rgb") as err:
         model.prepare(raw)
+    assert str(err.value) == "synthetic-10: frame has no point cloud, but this model scores rgb + points"
+    assert err.value.path == "synthetic-10"
 
 
 # ----------------------------------------------------------------------------------------- precision
@@ -561,7 +574,13 @@ def test_networks_to_run_refuses_what_a_bundle_does_not_carry(fast: Fast) -> Non
     with pytest.raises(ConfigError, match=r"runs a bundle's own precision \(int8\) or fp32, not 'fp16'"):
         networks_to_run(main, "fp16")
     bare = msgspec.structs.replace(main, fp32_networks={}, fp32_golden=[])
-    with pytest.raises(ConfigError, match=f"bundle {main.bundle_id[:8]} is int8 and carries no fp32 graphs"):
+    advice = (
+        r"; rebuild it with `m3dm bundle build --precision int8` \(which ships both\) "
+        r"or run its own precision$"
+    )
+    with pytest.raises(
+        ConfigError, match=f"^bundle {main.bundle_id[:8]} is int8 and carries no fp32 graphs{advice}"
+    ):
         networks_to_run(bare, "fp32")
     with pytest.raises(ConfigError, match="not 'fp16'"):
         open_bundle(fast.main, fast.keys, backend="ort", precision="fp16")
@@ -600,14 +619,22 @@ def test_without_a_key_a_bundle_loads_unverified_and_says_so(
     with caplog.at_level(logging.WARNING, logger="m3dm.edge"):
         model = open_bundle(copy, None, backend="ort")
     assert model.manifest == sealed(fast.main)
-    assert f"bundle {copy} loaded WITHOUT signature verification" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"bundle {copy} loaded WITHOUT signature verification (no --key given)"]
     with pytest.raises(SignatureError, match="signature"):
         open_bundle(copy, fast.keys, backend="ort")
 
 
-def test_the_backend_choice_reaches_the_runners(fast: Fast) -> None:
+def test_the_backend_choice_reaches_the_runners(fast: Fast, caplog: pytest.LogCaptureFixture) -> None:
     from edge.runners import tensorrt_available
+    from edge.station_model import station_model_from_manifest
 
+    with caplog.at_level(logging.INFO, logger="m3dm.edge"):
+        by_default = open_bundle(fast.main, fast.keys)  # "auto"
+    manifest = sealed(fast.main)
+    expected = f"bundle {manifest.bundle_id[:8]} v0.1.0 (bagel) loaded, backend {by_default.backend}"
+    assert expected in [r.getMessage() for r in caplog.records]
+    assert station_model_from_manifest(fast.main, manifest).backend == by_default.backend
     if tensorrt_available():  # a GPU station: "trt" would work, so this refusal cannot be shown here
         assert open_bundle(fast.main, fast.keys, backend="trt").backend.startswith("tensorrt")
         return
@@ -615,6 +642,7 @@ def test_the_backend_choice_reaches_the_runners(fast: Fast) -> None:
         open_bundle(fast.main, fast.keys, backend="trt")
     with pytest.raises(ConfigError, match="unknown runner backend 'cuda'"):
         open_bundle(fast.main, fast.keys, backend="cuda")
+    assert by_default.backend == "onnxruntime-cpu"  # "auto" without TensorRT
 
 
 def test_opening_a_tar_keeps_its_extracted_copy_as_long_as_the_model(fast: Fast) -> None:
@@ -797,7 +825,9 @@ def test_an_rgb_only_bundle_scores_in_numpy_and_ignores_a_frames_points(fast: Fa
     assert model.summary["banks"] == {"rgb": f"fp32 {fast.banks['rgb'].rows_mc.shape[0]}x{RGB_DIM}"}
     assert model.info.score == RGB_SCORE and model.info.thresholds == {"rgb": fast.rgb_threshold}
     assert list(model.scorer.banks) == ["rgb"] and model.scorer.banks["rgb"].local_scale_k is None
-    assert model.prepare(fast.frames["good"]).xyz_hwc_m.any() == np.False_  # points dropped
+    scan = model.prepare(fast.frames["good"])
+    assert not scan.xyz_hwc_m.any() and scan.valid_hw.all()  # points dropped before preprocessing
+    assert model.features(scan).point_hwc.shape == (56, 56, 0)  # and no point descriptor computed
     decisions = {}
     for kind, raw in fast.frames.items():
         scores = model.score_raw(raw)  # the frame HAS points; the model must not use them
