@@ -333,6 +333,7 @@ def setup_random(work: Path, root: Path, cls: str, ann_recall: float) -> dict:  
         work / "uff.onnx",
         {1: "patches"},
     )
+    quantise_int8(work / "uff.onnx", work / "uff.int8.onnx")  # an int8 bundle quantises UFF too
     ort = FeatureRunners(rgb=OrtRunner(work / "rgb.onnx"), point=OrtRunner(work / "point.onnx"))
     uff_ort = OrtRunner(work / "uff.onnx")
     pre = PreprocessConfig(rgb_input_size=preset.rgb_input_size)
@@ -399,7 +400,7 @@ def setup_random(work: Path, root: Path, cls: str, ann_recall: float) -> dict:  
         "grids": {n: b.grid for n, b in banks.items()},
         "networks": {
             "fp32": {"rgb": "rgb.onnx", "point": "point.onnx", "uff": "uff.onnx"},
-            "int8": {"rgb": "rgb.int8.onnx", "point": "point.int8.onnx", "uff": "uff.onnx"},
+            "int8": {"rgb": "rgb.int8.onnx", "point": "point.int8.onnx", "uff": "uff.int8.onnx"},
         },
     }
     (work / "notes.txt").write_text("banks SYNTHESISED from real feature statistics; " + "; ".join(notes))
@@ -423,11 +424,30 @@ def reuse_random(work: Path, preset) -> dict:  # noqa: ANN001
     from core.features import FeatureRunners
     from core.scoring import MemoryBank
     from trainer.backbones import WeightPaths, point_module_for_export, rgb_module_for_export
+    from trainer.point_export import pointwise_point_module
     from trainer.torch_runner import TorchRunner
 
     meta = json.loads((work / "station.json").read_text())
+    rgb_mod, point_mod = (
+        rgb_module_for_export(preset, WeightPaths()),
+        point_module_for_export(preset, WeightPaths()),
+    )
+    # re-exported (same seeded weights): the point graph's form changed since older runs (chunked groups)
+    rng = np.random.default_rng(1)
+    export(
+        pointwise_point_module(point_mod),
+        {
+            "neighborhood": rng.normal(0, 0.002, (1, 1024, 128, 3)).astype(np.float32),
+            "centers": (rng.uniform(-0.05, 0.05, (1, 1024, 3)) + [0, 0, 0.4]).astype(np.float32),
+        },
+        ["group_features"],
+        work / "point.onnx",
+    )
     quantise_int8(work / "rgb.onnx", work / "rgb.int8.onnx")
     quantise_int8(work / "point.onnx", work / "point.int8.onnx")
+    quantise_int8(work / "uff.onnx", work / "uff.int8.onnx")
+    # as `m3dm bundle build --precision int8` ships them: every network int8 (older runs used fp32 UFF)
+    meta["networks"]["int8"] = {"rgb": "rgb.int8.onnx", "point": "point.int8.onnx", "uff": "uff.int8.onnx"}
     banks = {}
     for name in RANDOM_BANK_ROWS:
         with np.load(work / f"bank_{name}.npz", allow_pickle=False) as z:
@@ -435,10 +455,6 @@ def reuse_random(work: Path, preset) -> dict:  # noqa: ANN001
             banks[name] = MemoryBank(
                 name, z["feats"], meta["grids"][name], z["mean"], float(scale) if scale.ndim == 0 else scale
             )
-    rgb_mod, point_mod = (
-        rgb_module_for_export(preset, WeightPaths()),
-        point_module_for_export(preset, WeightPaths()),
-    )
     runners = FeatureRunners(
         rgb=TorchRunner(rgb_mod, ["image"], ["tokens"]),
         point=TorchRunner(point_mod, ["neighborhood", "centers"], ["group_features"]),
