@@ -140,8 +140,18 @@ PRESETS: dict[str, FeaturePreset] = {
     "m3dm-random": FeaturePreset(
         "m3dm-random", "dino_vitb8", "point_mae", 224, 768, 1152, random_weights=True, point_bn="batch"
     ),
+    # Image rule: max of the blurred map. The reweighted max patch picks single-patch spikes of the point
+    # descriptor's sensor noise on good scans; a defect is a blob of several patches, which the blur keeps
+    # (chosen on validation defects of both families, BENCHMARKS.md "Image-score rule (issue 15)").
     "m3dm-free": FeaturePreset(
-        "m3dm-free", "free", "free", 224, FREE_RGB_DIM, FREE_POINT_DIM, bank_norm="per_dim"
+        "m3dm-free",
+        "free",
+        "free",
+        224,
+        FREE_RGB_DIM,
+        FREE_POINT_DIM,
+        bank_norm="per_dim",
+        image_rule="max_blurred_map",
     ),
     # Learned rgb features from the class's training normals, the weight-free point descriptor; per-channel
     # bank norm because the point half keeps its mixed units.

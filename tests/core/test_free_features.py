@@ -17,6 +17,7 @@ from core.free_points import (
     smallest_eigenpairs,
     window_sums,
 )
+from core.free_rgb import BORDER_PX, statistics_mask
 from core.pfa import project_to_grid
 from core.scan import PreparedScan
 
@@ -196,3 +197,34 @@ def test_cross_and_diagonal_helpers_are_bit_equal_to_numpy():
     )
     np.testing.assert_array_equal(_cross(a, b), np.cross(a, b))
     np.testing.assert_array_equal(_minus_diagonal(m, v), m - v[:, None, None] * np.eye(3))
+
+
+def test_statistics_mask_drops_the_silhouette_rim_but_not_speckle_or_the_frame():
+    square = np.zeros((S, S), bool)
+    square[60:160, 60:160] = True
+    speckled = square.copy()
+    speckled[100, 100] = speckled[120, 90] = False  # isolated dropouts inside the object
+    inner = statistics_mask(speckled)
+    # The rim: BORDER_PX pixels (4-connected erosion) next to the background are dropped; dropouts stay out.
+    assert not inner[60 : 60 + BORDER_PX].any() and inner[60 + BORDER_PX, 100]
+    assert inner[99, 100] and inner[101, 100] and not inner[100, 100] and not inner[120, 90]
+    assert inner.sum() == (100 - 2 * BORDER_PX) ** 2 - 2
+    everything = np.ones((S, S), bool)  # an RGB-only scan: the frame edge is no silhouette
+    assert statistics_mask(everything).all()
+    thin = np.zeros((S, S), bool)
+    thin[100:102, 50:150] = True  # thinner than the rim: kept whole rather than emptied
+    assert np.array_equal(statistics_mask(thin), thin)
+
+
+def test_rgb_ignores_the_colour_of_the_silhouette_rim():
+    rng = np.random.default_rng(3)
+    valid = disc(80.0)
+    rim = valid & ~statistics_mask(valid)
+    assert 0 < rim.sum() < 0.1 * valid.sum()
+    rgb = np.clip(rng.normal(128, 20, (S, S, 3)), 0, 255).astype(np.uint8)
+    blended = rgb.copy()
+    blended[rim] = rng.integers(0, 40, (int(rim.sum()), 3))  # object colour mixed with a dark background
+    flat = np.zeros((S, S))
+    np.testing.assert_array_equal(
+        ff.rgb_descriptor(make_scan(flat, valid, blended)), ff.rgb_descriptor(make_scan(flat, valid, rgb))
+    )
