@@ -8,14 +8,24 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 
+from core.ann import FaissIndex
 from core.config import ScoreConfig
 from core.errors import ConfigError, InputError, ShapeError
 from core.scoring import (
+    KnownRows,
     MemoryBank,
+    _search_known,
+    argmin_rerank,
+    bank_image_score,
     gaussian_blur,
+    local_norm_max,
     nearest_neighbours,
+    nearest_per_patch,
+    normalise_features,
     reweighted_image_score,
     score_bank,
+    search_bank,
+    topk_mean,
     upsample_bilinear,
 )
 
@@ -216,3 +226,284 @@ def test_local_scales_are_checked_against_their_key() -> None:
         _rule_score("local_norm", np.ones(3, np.float32), local_key="position")
     with pytest.raises(ConfigError, match="image_rule must be one of"):
         ScoreConfig(image_rule="median")
+
+
+# ---------------------------------------------------------------- bank validation and stored forms
+
+
+def test_memory_bank_rejects_each_malformed_field() -> None:
+    feats, mean = _rand((10, 4), 20), np.zeros(4, np.float32)
+    with pytest.raises(ShapeError, match=r"bank feats must be \(M>0, C\), got \(0, 4\)"):
+        MemoryBank("x", np.zeros((0, 4), np.float32), 8, mean, 1.0)
+    with pytest.raises(ShapeError, match=r"bank feats must be \(M>0, C\), got \(4,\)"):
+        MemoryBank("x", np.zeros(4, np.float32), 8, mean, 1.0)
+    with pytest.raises(ShapeError, match=r"feat_scale must be a scalar or \(4,\), got \(3,\)"):
+        MemoryBank("x", feats, 8, mean, np.ones(3, np.float32))
+    for scale in (np.array([1.0, 1.0, 0.0, 1.0], np.float32), np.inf, -1.0, np.nan):
+        with pytest.raises(ConfigError, match="feat_scale must be > 0 and grid positive"):
+            MemoryBank("x", feats, 8, mean, scale)
+    for grid in (0, -1):
+        with pytest.raises(ConfigError, match="feat_scale must be > 0 and grid positive"):
+            MemoryBank("x", feats, grid, mean, 1.0)
+    with pytest.raises(ShapeError, match=r"local scale must be \(10,\) per row or \(64,\) per position"):
+        MemoryBank("x", feats, 8, mean, 1.0, local_scale_k=np.ones((10, 1), np.float32))
+    for bad in (np.full(10, np.nan), np.full(64, np.inf), -np.ones(10)):
+        with pytest.raises(ConfigError, match="bank 'x': local scales must be finite and > 0"):
+            MemoryBank("x", feats, 8, mean, 1.0, local_scale_k=bad)
+
+
+def test_memory_bank_stores_float32_and_the_scale_in_its_own_form() -> None:
+    feats64 = _rand((10, 4), 21).astype(np.float64)
+    scalar = MemoryBank("x", feats64, 8, np.ones(4), 2)
+    assert scalar.feats_mc.dtype == np.float32 and scalar.feats_mc.flags.c_contiguous
+    assert scalar.feat_mean_c.dtype == np.float32 and scalar.dim == 4
+    assert type(scalar.feat_scale) is float and scalar.feat_scale == 2.0
+    assert scalar.local_scale_k is None and scalar.local_inv_k is None
+    per_channel = MemoryBank("x", feats64, 8, np.ones(4), np.array([1.0, 2.0, 4.0, 8.0]))
+    assert per_channel.feat_scale.dtype == np.float32 and per_channel.feat_scale.shape == (4,)
+    for count in (10, 64):  # per bank row or per grid position
+        local = np.linspace(0.5, 4.0, count)
+        bank = MemoryBank("x", feats64, 8, np.ones(4), 1.0, local_scale_k=local)
+        assert bank.local_scale_k.dtype == np.float32 and bank.local_inv_k.dtype == np.float32
+        np.testing.assert_allclose(bank.local_inv_k, 1.0 / local, rtol=1e-6)
+
+
+# --------------------------------------------------------------------- known prefixes (background skip)
+
+
+def _scaled_bank(rows: int, dim: int, grid: int, seed: int, index: object | None = None) -> MemoryBank:
+    """A bank with a per-channel mean and std, so every prefix channel is normalised differently."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=dim).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, dim).astype(np.float32)
+    feats = rng.normal(size=(rows, dim)).astype(np.float32)
+    return MemoryBank("fusion", feats, grid, mean, scale, index=index)  # type: ignore[arg-type]
+
+
+def test_known_prefix_holds_the_distance_of_the_constant_half_to_every_row() -> None:
+    bank = _scaled_bank(50, 6, 4, seed=22)
+    raw = np.array([0.5, -1.0], np.float32)
+    prefix = bank.known_prefix(raw)
+    value = (raw - bank.feat_mean_c[:2]) / bank.feat_scale[:2]
+    np.testing.assert_array_equal(prefix.value_d, value)
+    feats = bank.feats_mc.astype(np.float64)
+    expected_m = ((feats[:, :2] - value) ** 2).sum(axis=1) + (feats[:, 2:] ** 2).sum(axis=1)
+    assert prefix.dims == 2 and prefix.partial_m.dtype == np.float32
+    np.testing.assert_allclose(prefix.partial_m, expected_m, rtol=1e-6)
+    assert prefix.nn_idx == int(np.argmin(expected_m)) and np.isnan(prefix.nn_dist)
+
+
+def test_a_whole_query_prefix_is_bit_equal_to_the_per_frame_search() -> None:
+    bank = _scaled_bank(50, 6, 4, seed=23)
+    raw = np.array([0.5, -1.0, 2.0, 0.0, 0.3, -0.7], np.float32)
+    prefix = bank.known_prefix(raw)
+    dist, idx = nearest_neighbours(normalise_features(raw[None], bank), bank.feats_mc)
+    assert prefix.nn_idx == idx[0, 0] and prefix.nn_dist == dist[0, 0]
+    zero_dist, zero_idx = nearest_neighbours(normalise_features(np.zeros((1, 6)), bank), bank.feats_mc)
+    assert bank.zero_query.dims == 6 and bank.zero_query.nn_idx == zero_idx[0, 0]
+    assert bank.zero_query.nn_dist == zero_dist[0, 0]
+
+
+def test_known_prefix_rejects_empty_too_long_or_non_finite_prefixes() -> None:
+    bank = _scaled_bank(20, 6, 4, seed=24)
+    for raw, dims in ((np.zeros(0), 0), (np.zeros(7), 7), (np.array([1.0, np.nan]), 2), ([np.inf], 1)):
+        with pytest.raises(ShapeError, match=rf"finite with 1\.\.6 channels, got {dims}"):
+            bank.known_prefix(np.asarray(raw, np.float32))
+
+
+def _queries_with_prefix(bank: MemoryBank, raw_prefix: np.ndarray, seed: int) -> tuple[np.ndarray, KnownRows]:
+    """16 normalised queries; rows 2..13 start with `raw_prefix`, in identical pairs (one group per pair)."""
+    rng = np.random.default_rng(seed)
+    raw_nc = rng.normal(size=(16, bank.dim)).astype(np.float32)
+    rows = np.arange(2, 14)
+    raw_nc[rows[1::2]] = raw_nc[rows[0::2]]  # pairs share their tail: same token, same query
+    raw_nc[rows, : raw_prefix.shape[0]] = raw_prefix
+    groups = np.repeat(np.arange(6), 2)
+    return normalise_features(raw_nc, bank), KnownRows(rows, bank.known_prefix(raw_prefix), groups)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_known_rows_find_the_same_rows_and_distances_as_a_full_search(grouped: bool) -> None:
+    bank = _scaled_bank(200, 6, 4, seed=25)
+    query, known = _queries_with_prefix(bank, np.array([0.5, -1.0, 0.2, 0.0], np.float32), seed=26)
+    if not grouped:
+        known = KnownRows(known.rows_n, known.prefix)
+    full_dist, full_idx = search_bank(query, bank)
+    dist, idx = nearest_per_patch(query, bank, known)
+    np.testing.assert_array_equal(idx, full_idx)
+    np.testing.assert_allclose(dist, full_dist, rtol=1e-6)
+    assert dist.dtype == np.float32 and idx.dtype == np.int64
+    # searched in blocks of 5 representatives (6 groups or 12 rows): the same result
+    block_dist, block_idx = _search_known(query, bank, known, chunk_rows=5)
+    np.testing.assert_array_equal(block_idx, full_idx[known.rows_n])
+    np.testing.assert_allclose(block_dist, full_dist[known.rows_n], rtol=1e-6)
+
+
+def test_known_rows_with_a_whole_query_prefix_take_its_constant() -> None:
+    bank = _scaled_bank(200, 6, 4, seed=27)
+    raw = np.array([0.5, -1.0, 0.2, 0.0, 1.5, -2.0], np.float32)
+    query, known = _queries_with_prefix(bank, raw, seed=28)
+    dist, idx = nearest_per_patch(query, bank, known)
+    assert np.all(idx[known.rows_n] == known.prefix.nn_idx)
+    assert np.all(dist[known.rows_n] == np.float32(known.prefix.nn_dist))
+    full_dist, full_idx = search_bank(query, bank)
+    np.testing.assert_array_equal(idx, full_idx)
+    np.testing.assert_allclose(dist, full_dist, rtol=1e-6)
+    empty = KnownRows(np.empty(0, np.int64), known.prefix)
+    np.testing.assert_array_equal(nearest_per_patch(query, bank, empty)[1], full_idx)
+
+
+# ------------------------------------------------------------------------------- approximate index
+
+
+def _ivf_index(bank: MemoryBank, nlist: int, nprobe: int) -> FaissIndex:
+    import faiss
+
+    quantizer = faiss.IndexFlatL2(bank.dim)
+    ivf = faiss.IndexIVFFlat(quantizer, bank.dim, nlist)
+    ivf.train(bank.feats_mc)
+    ivf.add(bank.feats_mc)
+    return FaissIndex(ivf, "ivf-flat", {"nprobe": nprobe})
+
+
+def test_an_index_picks_the_rows_and_the_distance_is_exact_to_the_row_it_picked() -> None:
+    plain = _scaled_bank(400, 8, 4, seed=29)
+    index = _ivf_index(plain, nlist=16, nprobe=1)  # one list of 16: many recall misses
+    bank = MemoryBank("fusion", plain.feats_mc, 4, plain.feat_mean_c, plain.feat_scale, index=index)
+    query = _rand((300, 8), 30)
+    dist, idx = search_bank(query, bank)
+    np.testing.assert_array_equal(idx, index.search(query))
+    exact = np.linalg.norm(query.astype(np.float64) - bank.feats_mc[idx], axis=1)
+    np.testing.assert_allclose(dist, exact, rtol=1e-6)
+    assert dist.dtype == np.float32 and idx.dtype == np.int64
+    true_dist, true_idx = search_bank(query, plain)
+    assert (idx != true_idx).mean() > 0.1 and np.all(dist >= true_dist - 1e-5)  # the index really ran
+    empty_dist, empty_idx = search_bank(query[:0], bank)
+    assert empty_dist.shape == empty_idx.shape == (0,)
+    assert empty_dist.dtype == np.float32 and empty_idx.dtype == np.int64
+    # known rows with an index: one index search per group, broadcast to the group's rows
+    raw_prefix = np.array([0.5, -1.0, 0.2], np.float32)
+    known_query, known = _queries_with_prefix(bank, raw_prefix, seed=31)
+    k_dist, k_idx = nearest_per_patch(known_query, bank, known)
+    ref_dist, ref_idx = search_bank(known_query, bank)
+    np.testing.assert_array_equal(k_idx, ref_idx)
+    np.testing.assert_allclose(k_dist, ref_dist, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------- near-tie re-ranking
+
+
+def test_rerank_resolves_near_ties_by_exact_distance_then_lowest_row() -> None:
+    bank_mc = np.array([[3.0], [1.0], [2.0], [1.0], [9.0]], np.float32)
+    query_nc = np.array([[0.0], [0.0], [0.0]], np.float32)
+    tiny = 1e-7  # inside the band 16 eps * magnitude 1
+    ranking = np.array(
+        [
+            [1.0, 1.0 + tiny, 1.0 - tiny, 5.0, 5.0],  # rows 0-2 in band: row 1 is nearest exactly
+            [5.0, 1.0, 5.0, 1.0 - tiny, 5.0],  # rows 1 and 3 tie exactly: the lower index wins
+            [1.0, 5.0, 5.0, 5.0, 0.5],  # row 4 alone in band (far outside the others): plain argmin
+        ],
+        np.float32,
+    )
+    idx = argmin_rerank(ranking, np.ones(3, np.float32), query_nc, bank_mc)
+    np.testing.assert_array_equal(idx, [1, 1, 4])
+    # a band of exactly 1 + 16 eps: 1.0 + 2 eps is in, 1.0 + 32 eps is not
+    eps = float(np.finfo(np.float32).eps)
+    edge = np.array([[1.0, 1.0 + 32 * eps, 1.0 + 2 * eps, 5.0, 5.0]], np.float32)
+    assert argmin_rerank(edge, np.ones(1, np.float32), query_nc[:1], bank_mc)[0] == 2
+    far = np.array([[1.0, 1.0 + 32 * eps, 5.0, 5.0, 5.0]], np.float32)
+    assert argmin_rerank(far, np.ones(1, np.float32), query_nc[:1], bank_mc)[0] == 0
+
+
+@pytest.mark.parametrize(("columns", "expected"), [(64, 3), (65, 5)])
+def test_rerank_gives_up_beyond_64_candidates_per_query(columns: int, expected: int) -> None:
+    bank_mc = np.full((columns, 1), 2.0, np.float32)
+    bank_mc[3] = 1.0  # exactly nearest to the zero query
+    ranking = np.full((1, columns), 1.0, np.float32)
+    ranking[0, 5] = 1.0 - 1e-7  # plain argmin
+    assert (
+        argmin_rerank(ranking, np.ones(1, np.float32), np.zeros((1, 1), np.float32), bank_mc)[0] == expected
+    )
+
+
+# ------------------------------------------------------------------------ maps and image-score rules
+
+
+def test_upsample_rejects_a_map_that_is_not_2d() -> None:
+    for shape in ((4,), (2, 2, 2)):
+        with pytest.raises(ShapeError, match=rf"map must be 2-D, got \({shape[0]},"):
+            upsample_bilinear(np.zeros(shape, np.float32), 8)
+
+
+def test_upsample_of_a_constant_is_the_constant_and_of_one_row_repeats_it() -> None:
+    np.testing.assert_array_equal(
+        upsample_bilinear(np.full((3, 5), 2.5, np.float32), 7), np.full((7, 7), 2.5)
+    )
+    line = np.array([[0.0, 4.0]], np.float32)  # (1, 2) -> (4, 4): every row the same ramp
+    got = upsample_bilinear(line, 4)
+    np.testing.assert_allclose(got, np.tile([0.0, 1.0, 3.0, 4.0], (4, 1)), atol=1e-6)
+
+
+def test_no_blur_returns_a_float32_copy() -> None:
+    img = np.arange(12, dtype=np.float64).reshape(3, 4)
+    for sigma in (0.0, -1.0):
+        out = gaussian_blur(img, sigma)
+        assert out.dtype == np.float32 and np.array_equal(out, img)
+        out[0, 0] = 99.0
+        assert img[0, 0] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("fraction", "expected"), [(0.4, 4.5), (0.41, 4.0), (1.0, 3.0), (2.0, 3.0), (0.0, 5.0), (0.2, 5.0)]
+)
+def test_topk_mean_averages_the_ceil_share_of_largest_distances(fraction: float, expected: float) -> None:
+    assert topk_mean(np.array([5.0, 1.0, 4.0, 2.0, 3.0], np.float32), fraction) == pytest.approx(expected)
+
+
+def test_local_norm_row_key_divides_by_the_scale_of_each_patchs_nearest_row() -> None:
+    feats = _rand((3, 2), 32)
+    bank = MemoryBank("rgb", feats, 2, np.zeros(2, np.float32), 1.0, local_scale_k=np.array([1.0, 4.0, 0.5]))
+    dist = np.array([1.0, 8.0, 1.0, 2.0], np.float32)
+    assert local_norm_max(dist, np.array([1, 1, 2, 0]), bank, "row") == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match=r"local scales are \(3,\), the 'position' key needs \(4,\)"):
+        local_norm_max(dist, np.array([1, 1, 2, 0]), bank, "position")
+
+
+def test_an_unknown_image_rule_is_refused_at_scoring_time() -> None:
+    cfg = ScoreConfig()
+    object.__setattr__(cfg, "image_rule", "median")  # a config mutated after its own validation
+    bank = MemoryBank("rgb", _RULE_BANK_ROWS, 2, np.zeros(1, np.float32), 1.0)
+    with pytest.raises(ConfigError, match="unknown image_rule 'median'"):
+        bank_image_score(cfg, _RULE_QUERY_HWC.reshape(4, 1), bank, np.zeros(4), np.zeros(4, int), None)
+
+
+# ----------------------------------------------------------------------------------- score_bank paths
+
+
+def test_score_bank_skip_uses_the_zero_constant_only_for_all_zero_rows() -> None:
+    bank = _scaled_bank(300, 6, 8, seed=33)
+    query = _rand((8, 8, 6), 34)
+    query[:3] = 0.0
+    query[5, 5, 1:] = 0.0  # one zero channel short of background: searched like any patch
+    cfg = ScoreConfig(output_size=32)
+    fast, full = score_bank(query, bank, cfg), score_bank(query, bank, cfg, skip_background=False)
+    np.testing.assert_allclose(fast.patch_dist_hw, full.patch_dist_hw, rtol=1e-6)
+    assert fast.image_score == pytest.approx(full.image_score, rel=1e-6)
+    np.testing.assert_allclose(fast.map_hw, full.map_hw, rtol=1e-5)
+    assert np.all(fast.patch_dist_hw[:3] == np.float32(bank.zero_query.nn_dist))
+    np.testing.assert_array_equal(fast.query_nc, normalise_features(query.reshape(64, 6), bank))
+    np.testing.assert_array_equal(fast.nearest_n, search_bank(fast.query_nc, bank)[1])
+    assert fast.patch_dist_hw.shape == (8, 8) and fast.map_hw.shape == (32, 32)
+
+
+def test_score_bank_without_skip_ignores_given_known_rows() -> None:
+    bank = _scaled_bank(300, 6, 8, seed=35)
+    query = _rand((8, 8, 6), 36)
+    # a wrong claim: these rows do not start with this prefix; only the skip path would believe it
+    wrong = KnownRows(np.arange(10), bank.known_prefix(np.full(6, 7.0, np.float32)))
+    cfg = ScoreConfig(output_size=32)
+    full = score_bank(query, bank, cfg, skip_background=False)
+    ignored = score_bank(query, bank, cfg, known=wrong, skip_background=False)
+    np.testing.assert_array_equal(ignored.patch_dist_hw, full.patch_dist_hw)
+    believed = score_bank(query, bank, cfg, known=wrong)
+    assert not np.allclose(believed.patch_dist_hw.reshape(-1)[:10], full.patch_dist_hw.reshape(-1)[:10])
