@@ -240,10 +240,12 @@ def nearest_neighbours(
         raise ShapeError(f"query {query.shape} and bank {bank.shape} must be (N, C) and (M, C)")
     if not 1 <= k <= bank.shape[0]:
         raise ConfigError(f"k={k} must lie in [1, bank rows={bank.shape[0]}]")
+    if chunk_rows < 1:  # a zero step would leave idx_nk unfilled (uninitialised indices), so refuse it
+        raise ConfigError(f"chunk_rows={chunk_rows} must be >= 1")
     b_sq = np.einsum("mc,mc->m", bank, bank) if bank_sq_norms is None else bank_sq_norms
     b_sq_max = float(b_sq.max())
     idx_nk = np.empty((query.shape[0], k), dtype=np.int64)
-    for start in range(0, query.shape[0], max(1, chunk_rows)):
+    for start in range(0, query.shape[0], chunk_rows):
         q = query[start : start + chunk_rows]
         # ||q||² is constant per row, so ranking needs only ||b||² - 2 q·b; scaling the small q block and
         # adding in place keeps it to one pass over the (chunk, M) product (memory-bound at small C).

@@ -507,3 +507,12 @@ def test_score_bank_without_skip_ignores_given_known_rows() -> None:
     np.testing.assert_array_equal(ignored.patch_dist_hw, full.patch_dist_hw)
     believed = score_bank(query, bank, cfg, known=wrong)
     assert not np.allclose(believed.patch_dist_hw.reshape(-1)[:10], full.patch_dist_hw.reshape(-1)[:10])
+
+
+def test_nearest_neighbours_refuses_a_zero_chunk_instead_of_returning_unfilled_indices() -> None:
+    from core.errors import ConfigError
+    from core.scoring import nearest_neighbours
+
+    bank_mc = np.eye(4, dtype=np.float32)
+    with pytest.raises(ConfigError, match=r"chunk_rows=0 must be >= 1"):
+        nearest_neighbours(bank_mc[:2], bank_mc, k=1, chunk_rows=0)
