@@ -50,3 +50,11 @@ mutate:
     bench/mutate.sh core/model.py tests/core/test_model.py
     bench/mutate.sh core/scoring.py tests/core/test_scoring.py
     bench/mutate.sh core/bank_codec.py tests/core/test_bank_codec.py
+    bench/mutate.sh core/grouping.py,core/pfa.py tests/core/test_grouping.py tests/core/test_pfa.py
+    bench/mutate.sh core/preprocess.py tests/core/test_preprocess.py
+    bench/mutate.sh core/ann.py tests/core/test_ann.py
+    bench/mutate.sh core/config.py,core/errors.py,core/features.py tests/core/test_config.py tests/core/test_errors.py tests/core/test_features.py tests/core/test_preprocess.py tests/core/test_grouping.py
+    bench/mutate.sh core/mvtec3d.py tests/core/test_mvtec3d.py
+    bench/mutate.sh core/free_features.py,core/free_points.py,core/free_rgb.py tests/core/test_free_features.py
+    bench/mutate.sh edge/station_model.py tests/edge/test_station_model_fast.py
+    bench/mutate.sh protocol/curve.py tests/protocol/test_curve.py tests/protocol/test_curve_keys.py
