@@ -183,27 +183,22 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     convolutions are MatMuls), and a MatMul of two activations (attention, per-cloud BatchNorm statistics)
     would need a second dynamic range for little gain.
     """
-    import tempfile
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(src))
-    inlined = inline_identity_initializers(model)
     try:
-        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-            plain = Path(tmp) / "plain.onnx"
-            if inlined:
-                onnx.save(model, str(plain))
-            quantize_dynamic(
-                str(plain if inlined else src),
-                str(dst),
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=["MatMul", "Gemm"],
-                extra_options={"MatMulConstBOnly": True},
-            )
+        model = onnx.load(str(src))
+        inline_identity_initializers(model)
+        # the quantiser takes the edited ModelProto itself: one load, no temporary copy on disk
+        quantize_dynamic(
+            model,
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            extra_options={"MatMulConstBOnly": True},
+        )
     except Exception as err:  # the quantiser raises bare asserts and onnx errors alike
         raise ExportError(f"int8 quantisation of {src} failed: {err}") from err
     return dst
