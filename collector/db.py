@@ -36,11 +36,12 @@ def _sqlite_pragmas(busy_timeout_ms: int):
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (BEGIN on first statement).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        # The busy timeout first: switching to WAL takes a lock, and must wait for it like any statement.
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a process crash (SIGKILL); only an OS crash can lose
         # the last commits, which the stations' outboxes cover by resending.
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from deploy.audit import record
-from deploy.db import dumps, loads
+from deploy.db import dumps, loads, writer
 from deploy.tables import bundles
 from edge.bundle import safe_extract, verify_bundle
 from protocol.deploy_messages import CHUNK_BYTES, BundleOffer
@@ -70,7 +70,9 @@ def publish(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     digest, chunks = chunk_digests(tar_path, chunk_bytes)
-    with engine.begin() as conn:
+    # A write transaction from BEGIN: a read that later upgrades to a write gets SQLITE_BUSY at once
+    # (no busy wait) when the registry committed in between, which is what broke the demo's publish.
+    with writer(engine).begin() as conn:
         existing = conn.execute(sa.select(bundles).where(bundles.c.bundle_id == manifest.bundle_id)).first()
         if existing is not None:
             if existing.sha256 != digest:
