@@ -149,6 +149,17 @@ class FaissIndex:
             raise ConfigError(f"{self.kind} index found no neighbour for some queries; raise {self.params}")
         return idx_n.astype(np.int64, copy=False)
 
+    def neighbours(self, query_nc: np.ndarray, k: int) -> np.ndarray:
+        """(N, C) float32 -> (N, k) int64 ids of the k nearest rows found, ascending (-1: not found).
+
+        Run by faiss itself: it serves the few single queries a frame makes (the image score's reweighting
+        looks up the neighbours of one bank row), where faiss' per-list loops cost under a millisecond.
+        """
+        if k < 1:
+            raise ConfigError(f"neighbours needs k >= 1, got {k}")
+        query = np.ascontiguousarray(query_nc, dtype=np.float32)
+        return np.asarray(self.index.search(query, k)[1], dtype=np.int64)
+
     def save(self, path: Path) -> None:
         _faiss().write_index(self.index, str(path))
 

@@ -516,3 +516,62 @@ def test_nearest_neighbours_refuses_a_zero_chunk_instead_of_returning_unfilled_i
     bank_mc = np.eye(4, dtype=np.float32)
     with pytest.raises(ConfigError, match=r"chunk_rows=0 must be >= 1"):
         nearest_neighbours(bank_mc[:2], bank_mc, k=1, chunk_rows=0)
+
+
+def _reweight_with_support(
+    query: np.ndarray, bank_mc: np.ndarray, dist_n: np.ndarray, support: np.ndarray
+) -> float:
+    """Spec §6 in float64 with the support rows of m* given (m* itself first)."""
+    patch = int(np.argmax(dist_n))
+    s_star = float(dist_n[patch])
+    d_j = np.linalg.norm(bank_mc[support[1:]].astype(np.float64) - query[patch], axis=1)
+    root_dim = np.sqrt(query.shape[1])
+    return float((1 - np.exp(s_star / root_dim) / np.exp(d_j / root_dim).sum()) * s_star)
+
+
+def test_reweighting_takes_the_neighbours_of_m_star_from_the_banks_index() -> None:
+    plain = _scaled_bank(400, 8, 4, seed=29)
+    bank_mc, query = plain.feats_mc, _rand((60, 8), 31)
+    full = _ivf_index(plain, nlist=16, nprobe=16)  # every list probed: the exact neighbours
+    dist, idx = nearest_neighbours(query, bank_mc)
+    exact = reweighted_image_score(query, bank_mc, dist[:, 0], idx[:, 0], k=3)
+    assert reweighted_image_score(query, bank_mc, dist[:, 0], idx[:, 0], k=3, index=full) == pytest.approx(
+        exact, rel=1e-6
+    )
+    # One list probed: the support is whatever the index finds near m*, and that is what is used.
+    coarse = _ivf_index(plain, nlist=40, nprobe=1)
+    m_star_row = int(idx[int(np.argmax(dist[:, 0])), 0])
+    support = coarse.neighbours(bank_mc[m_star_row][None], 3)[0]
+    exact_support = nearest_neighbours(bank_mc[m_star_row][None], bank_mc, k=3)[1][0]
+    assert support[0] == m_star_row and set(support) != set(exact_support)  # the fixture tells them apart
+    got = reweighted_image_score(query, bank_mc, dist[:, 0], idx[:, 0], k=3, index=coarse)
+    assert got == pytest.approx(_reweight_with_support(query, bank_mc, dist[:, 0], support), rel=1e-6)
+    assert got != pytest.approx(exact, rel=1e-6)
+
+
+def test_reweighting_falls_back_to_exact_when_the_index_finds_too_few_rows() -> None:
+    plain = _scaled_bank(400, 8, 4, seed=29)
+    bank_mc, query = plain.feats_mc, _rand((60, 8), 31)
+    coarse = _ivf_index(plain, nlist=40, nprobe=1)  # lists of ~10 rows cannot supply 60 neighbours
+    dist, idx = nearest_neighbours(query, bank_mc)
+    m_star_row = int(idx[int(np.argmax(dist[:, 0])), 0])
+    assert (coarse.neighbours(bank_mc[m_star_row][None], 60) < 0).any()
+    exact = reweighted_image_score(query, bank_mc, dist[:, 0], idx[:, 0], k=60)
+    assert reweighted_image_score(query, bank_mc, dist[:, 0], idx[:, 0], k=60, index=coarse) == exact
+    with pytest.raises(ConfigError, match=r"^neighbours needs k >= 1, got 0$"):
+        coarse.neighbours(query[:1], 0)
+
+
+def test_score_bank_reweights_through_the_banks_index() -> None:
+    plain = _scaled_bank(400, 8, 4, seed=29)
+    coarse = _ivf_index(plain, nlist=40, nprobe=1)
+    bank = MemoryBank("fusion", plain.feats_mc, 4, plain.feat_mean_c, plain.feat_scale, index=coarse)
+    raw = _rand((4, 4, 8), 33, scale=2.0)
+    result = score_bank(raw, bank, ScoreConfig(image_rule="max_patch"))
+    dist_n = result.patch_dist_hw.reshape(-1)
+    patch = int(np.argmax(dist_n))
+    support = coarse.neighbours(bank.feats_mc[result.nearest_n[patch]][None], 3)[0]
+    expected = _reweight_with_support(result.query_nc, bank.feats_mc, dist_n, support)
+    assert result.image_score == pytest.approx(expected, rel=1e-6)
+    exact = reweighted_image_score(result.query_nc, bank.feats_mc, dist_n, result.nearest_n)
+    assert result.image_score != pytest.approx(exact, rel=1e-6)  # the index's support, not the exact one
