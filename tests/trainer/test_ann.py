@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ def data() -> tuple[MemoryBank, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("kind", ["ivf-flat", "hnsw"])
 def test_index_meets_recall_target_on_fresh_queries(data, kind: str) -> None:
     bank, tune, fresh = data
-    choice = choose_index(bank, tune, AnnConfig(recall_target=0.95, kind=kind))
+    choice = choose_index(
+        bank, tune, AnnConfig(recall_target=0.95, kind=kind, min_speedup=0.0, exact_below_floats=0)
+    )
     assert choice.index is not None and choice.kind == kind
     assert choice.recall_at_1 >= 0.95
     exact = nearest_neighbours(fresh, bank.feats_mc, k=1)[1][:, 0]
@@ -47,7 +50,7 @@ def test_small_banks_stay_exact(data) -> None:
 
 def test_index_file_round_trip_and_scoring_with_it(data, tmp_path) -> None:
     bank, tune, fresh = data
-    choice = choose_index(bank, tune, AnnConfig(recall_target=0.97))
+    choice = choose_index(bank, tune, AnnConfig(recall_target=0.97, min_speedup=0.0, exact_below_floats=0))
     assert choice.index is not None
     choice.index.save(tmp_path / "point.faiss")
     loaded = load_index(tmp_path / "point.faiss", choice.kind, choice.params, *bank.feats_mc.shape)
@@ -82,7 +85,11 @@ def test_an_index_ships_in_the_signed_bundle_and_the_station_searches_with_it(fl
     queries = bank.feats_mc[rng.integers(0, bank.feats_mc.shape[0], 500)] + rng.normal(
         0, 0.05, (500, bank.dim)
     )
-    choice = choose_index(bank, queries.astype(np.float32), AnnConfig(exact_below_rows=0, recall_target=0.9))
+    choice = choose_index(
+        bank,
+        queries.astype(np.float32),
+        AnnConfig(exact_below_rows=0, recall_target=0.9, min_speedup=0.0, exact_below_floats=0),
+    )
     raw = read_model_json(model)
     raw.pop("format")
     raw["banks"]["point"]["index"] = index_entry(choice, "point", model)
@@ -106,8 +113,24 @@ def test_blas_ivf_search_visits_the_same_lists_as_faiss(data) -> None:
     from core.ann import FaissIndex
 
     bank, tune, fresh = data
-    choice = choose_index(bank, tune, AnnConfig(recall_target=0.9))
+    choice = choose_index(bank, tune, AnnConfig(recall_target=0.9, min_speedup=0.0, exact_below_floats=0))
     assert choice.index is not None and choice.index.engine == "numpy"
     in_faiss = FaissIndex(choice.index.index, "ivf-flat", choice.params, engine="faiss")
     agree = np.mean(choice.index.search(fresh) == in_faiss.search(fresh))
     assert agree >= 0.999  # only exact float ties may differ
+
+
+def test_an_index_that_is_not_faster_than_exact_is_not_shipped(data) -> None:
+    bank, tune, _ = data
+    # No index searches a million times faster than BLAS: the trial must fall back to exact.
+    choice = choose_index(bank, tune, AnnConfig(recall_target=0.9, exact_below_floats=0, min_speedup=1e6))
+    assert choice.index is None and choice.kind == "exact"
+    assert re.fullmatch(r"ivf-flat only \d+\.\d\dx faster than exact: exact search", choice.reason)
+
+
+def test_banks_too_small_to_be_worth_an_index_skip_the_trial(data) -> None:
+    bank, tune, _ = data  # 24,000 x 48 = 1.15M floats
+    choice = choose_index(bank, tune, AnnConfig(exact_below_floats=1_200_000, min_speedup=0.0))
+    assert choice.index is None and choice.reason == "24000x48 < 1200000 floats: exact BLAS search"
+    choice = choose_index(bank, tune, AnnConfig(exact_below_floats=1_100_000, min_speedup=0.0))
+    assert choice.index is not None
