@@ -65,8 +65,10 @@ def station_child(work: Path, threads: int, precision: str) -> None:  # noqa: PL
     from core.mvtec3d import load_scan
     from core.scan import PatchFeatures
     from core.scoring import MemoryBank, score_bank
+    from edge.memory import tune_malloc
     from edge.runners import OrtRunner
 
+    tune_malloc()  # the allocator settings `m3dm edge run` applies, before anything is allocated
     faiss.omp_set_num_threads(threads)
     meta = json.loads((work / "station.json").read_text())
     preset = get_preset(meta["preset"])

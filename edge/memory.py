@@ -6,7 +6,10 @@ later tensors come from the heap, and every pipeline thread gets its own heap (8
 holding its own freed pages. Measured on the official-size preset, one frame at a time: peak RSS 1523 ->
 1293 MB and settled RSS 1016 -> 797 MB with the settings below (BENCHMARKS.md, station section).
 
-A fixed threshold costs an mmap + page faults per large tensor: ~1 ms per 10 MB, small next to the networks.
+The threshold is 2 MiB, not lower: every block above it is a fresh mmap whose pages fault in on first
+touch. At 256 KiB the hand-made descriptors of `m3dm-free` (400 px, many 0.3-2 MB numpy temporaries a frame)
+ran 1.5x slower (read+preprocess 25 -> 17 ms, rgb 34 -> 22 ms, point 47 -> 29 ms per frame, idle, 2 cores),
+while the official-size station's peak RSS rose only 1311 -> 1369 MB (target 1.5 GB; 4 MiB: 1456 MB).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class MallocSettings:
     stops glibc's dynamic threshold. trim_threshold_b: free heap top above this goes back to the OS.
     arena_max: heaps shared by all threads (glibc's default is 8 per core)."""
 
-    mmap_threshold_b: int = 256 * 1024
+    mmap_threshold_b: int = 2 * 1024 * 1024
     trim_threshold_b: int = 1024 * 1024
     arena_max: int = 2
 
