@@ -70,42 +70,61 @@ def publish(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     digest, chunks = chunk_digests(tar_path, chunk_bytes)
-    # A write transaction from BEGIN: a read that later upgrades to a write gets SQLITE_BUSY at once
-    # (no busy wait) when the registry committed in between, which is what broke the demo's publish.
-    with writer(engine).begin() as conn:
-        existing = conn.execute(sa.select(bundles).where(bundles.c.bundle_id == manifest.bundle_id)).first()
-        if existing is not None:
-            if existing.sha256 != digest:
-                raise PublishError(f"bundle {manifest.bundle_id} is already published with different bytes")
-            return dict(existing._mapping)
-        store_dir.mkdir(parents=True, exist_ok=True)
-        target = store_dir / f"{manifest.bundle_id}.tar"
-        partial = target.with_suffix(".tar.partial")
+    with engine.connect() as conn:  # a re-publish is answered without copying the tar
+        existing = _published(conn, manifest.bundle_id, digest)
+    if existing is not None:
+        return existing
+    store_dir.mkdir(parents=True, exist_ok=True)
+    target = store_dir / f"{manifest.bundle_id}.tar"
+    # Copied before the write lock is taken, so the registry waits for a rename and two inserts, not for a
+    # multi-MB copy; a unique name keeps two concurrent publishers of one bundle off each other's file.
+    handle, partial_name = tempfile.mkstemp(dir=store_dir, prefix=f"{manifest.bundle_id}.", suffix=".partial")
+    os.close(handle)
+    partial = Path(partial_name)
+    try:
         shutil.copyfile(tar_path, partial)
-        os.replace(partial, target)
-        row = {
-            "bundle_id": manifest.bundle_id,
-            "version": manifest.version,
-            "class_name": manifest.class_name,
-            "anti_rollback_counter": manifest.anti_rollback_counter,
-            "size_bytes": target.stat().st_size,
-            "sha256": digest,
-            "chunk_bytes": chunk_bytes,
-            "chunk_sha256": dumps(chunks),
-            "path": str(target.resolve()),
-            "published_ts": time.time(),
-            "published_by": actor,
-        }
-        conn.execute(bundles.insert().values(**row))
-        record(
-            conn,
-            actor,
-            "publish",
-            f"bundle:{manifest.bundle_id}",
-            reason,
-            {"version": manifest.version, "class": manifest.class_name, "sha256": digest},
-        )
+        # A write transaction from BEGIN: a read that later upgrades to a write gets SQLITE_BUSY at once
+        # (no busy wait) when the registry committed in between, which is what broke the demo's publish.
+        with writer(engine).begin() as conn:
+            existing = _published(conn, manifest.bundle_id, digest)
+            if existing is not None:
+                return existing
+            os.replace(partial, target)
+            row = {
+                "bundle_id": manifest.bundle_id,
+                "version": manifest.version,
+                "class_name": manifest.class_name,
+                "anti_rollback_counter": manifest.anti_rollback_counter,
+                "size_bytes": target.stat().st_size,
+                "sha256": digest,
+                "chunk_bytes": chunk_bytes,
+                "chunk_sha256": dumps(chunks),
+                "path": str(target.resolve()),
+                "published_ts": time.time(),
+                "published_by": actor,
+            }
+            conn.execute(bundles.insert().values(**row))
+            record(
+                conn,
+                actor,
+                "publish",
+                f"bundle:{manifest.bundle_id}",
+                reason,
+                {"version": manifest.version, "class": manifest.class_name, "sha256": digest},
+            )
+    finally:
+        partial.unlink(missing_ok=True)
     return row
+
+
+def _published(conn: sa.Connection, bundle_id: str, digest: str) -> dict[str, Any] | None:
+    """The stored row of `bundle_id` if it is published with these bytes; refuses other bytes."""
+    existing = conn.execute(sa.select(bundles).where(bundles.c.bundle_id == bundle_id)).first()
+    if existing is None:
+        return None
+    if existing.sha256 != digest:
+        raise PublishError(f"bundle {bundle_id} is already published with different bytes")
+    return dict(existing._mapping)
 
 
 def offer_for(row: Any) -> BundleOffer:
