@@ -115,8 +115,7 @@ def fit_class(
 ) -> dict[str, Any]:
     """Fit and write `out_dir/model.json` with banks, UFF and DLF. Returns a summary with stage timings.
 
-    ann: per-bank ANN choice (default AnnConfig(): exact below 8k rows, else an index at recall@1 >= 0.99
-        when it searches >= 1.25x faster than exact).
+    ann: per-bank ANN choice (default `AnnConfig()`; its docstring says when a bank gets an index).
     coreset_device: torch device of the greedy coreset selection.
     A class without xyz files (core.mvtec3d.class_modalities) is fitted RGB-only: the rgb bank alone, no
     UFF, point or fusion bank, no DLF; its one variant "rgb" gets the threshold. A mixed class is refused.
