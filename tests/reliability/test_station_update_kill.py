@@ -388,7 +388,10 @@ def test_station_sigkilled_at_each_step_of_an_update_comes_back_consistent_and_r
     log = kills[0]["seen"].pop("resume_log").read_text(errors="replace")
     assert "resuming download at chunk" in log, log[-3000:]
     resumed = int(log.split("resuming download at chunk ")[1].split()[0])
-    assert resumed * rig.chunk_bytes >= rig.size_bytes // 4
+    # Every whole chunk on disk when the kill was decided must be kept. The poll can catch a chunk half
+    # written (stat races the write), and that partial chunk is rightly dropped, so count whole ones only.
+    whole_chunks_seen = kills[0]["seen"]["part_bytes"] // rig.chunk_bytes
+    assert resumed >= max(whole_chunks_seen, 1), (resumed, whole_chunks_seen)
     record(
         "station_sigkill_update",
         kills=[
