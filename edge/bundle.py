@@ -356,6 +356,8 @@ def inspect_bundle(bundle_dir_or_tar: str | Path) -> dict[str, Any]:
         "preset": manifest.preset,
         "random_weights": manifest.random_weights,
         "precision": manifest.precision,
+        "modalities": list(manifest.modalities),
+        "image_score_rule": manifest.scoring.image_score_rule,
         "created_utc": manifest.created_utc,
         "expires_utc": manifest.expires_utc,
         "anti_rollback_counter": manifest.anti_rollback_counter,
@@ -363,7 +365,16 @@ def inspect_bundle(bundle_dir_or_tar: str | Path) -> dict[str, Any]:
             name: {"path": r.path, "size_bytes": sizes.get(r.path)} for name, r in manifest.networks.items()
         },
         "banks": {
-            name: {"encoding": b.encoding, "rows": b.rows, "dim": b.dim, "size_bytes": sizes.get(b.path)}
+            name: {
+                "encoding": b.encoding,
+                "rows": b.rows,
+                "dim": b.dim,
+                "size_bytes": sizes.get(b.path),
+                # exact search when None; else the faiss index the station searches, and its recall
+                "index": None
+                if b.index_kind is None
+                else {"kind": b.index_kind, "params": b.index_params, "recall_at_1": b.index_recall},
+            }
             for name, b in manifest.banks.items()
         },
         "thresholds": manifest.thresholds.to_dict(),

@@ -249,10 +249,33 @@ def test_inspect_dir_and_tar_agree(built) -> None:
         "rows": 7,
         "dim": 4,
         "size_bytes": (built[0] / "banks/point.npz").stat().st_size,
+        "index": None,
     }
     assert from_dir["networks"]["uff"]["size_bytes"] == len(b"\x08\x07uff graph bytes")
     assert from_dir["file_count"] == len(ALL_FILES)
     assert from_dir["total_bytes"] == sum((built[0] / name).stat().st_size for name in ALL_FILES)
+
+
+def test_inspect_names_each_banks_ann_index_and_the_image_rule(bundle_copy: Path) -> None:
+    """An operator reads from `inspect` which bank is searched approximately, and with which knob."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["banks"]["point"] |= {
+        "index_path": "banks/point.faiss",
+        "index_kind": "ivf-flat",
+        "index_params": {"nprobe": 12},
+        "index_recall": 0.993,
+    }
+    manifest["files"]["banks/point.faiss"] = "0" * 64  # listed, as a shipped index is (inspect never hashes)
+    manifest["scoring"]["image_score_rule"] = "max_blurred_map"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    info = inspect_bundle(bundle_copy)
+    assert info["banks"]["point"]["index"] == {
+        "kind": "ivf-flat",
+        "params": {"nprobe": 12},
+        "recall_at_1": 0.993,
+    }
+    assert info["banks"]["rgb"]["index"] is None
+    assert info["image_score_rule"] == "max_blurred_map"
 
 
 def test_inspect_says_what_is_missing(tmp_path: Path) -> None:
@@ -449,6 +472,8 @@ def test_inspect_reports_every_field(built) -> None:
         "preset": "m3dm-free",
         "random_weights": False,
         "precision": "fp16",
+        "modalities": ["rgb", "point"],
+        "image_score_rule": "max_patch",
         "created_utc": "2026-01-01T00:00:00Z",
         "expires_utc": "2027-01-01T00:00:00Z",
         "anti_rollback_counter": 5,
@@ -462,12 +487,14 @@ def test_inspect_reports_every_field(built) -> None:
                 "rows": 6,
                 "dim": 4,
                 "size_bytes": (built[0] / "banks/rgb.npy").stat().st_size,
+                "index": None,
             },
             "point": {
                 "encoding": "int8",
                 "rows": 7,
                 "dim": 4,
                 "size_bytes": (built[0] / "banks/point.npz").stat().st_size,
+                "index": None,
             },
         },
         "thresholds": verify_bundle(built[0], built[1], now=NOW).thresholds.to_dict(),
