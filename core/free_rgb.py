@@ -37,10 +37,19 @@ GRADIENT_SCALE = 4.0
 BORDER_PX = 2
 
 
+def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function undone, on float32 values in [0, 1]."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+# uint8 input has 256 values: the per-pixel power (~1/4 of the conversion) becomes a table lookup, computed
+# once at import by the same float32 expression, so the result is bit-equal.
+_LINEAR_OF_U8 = _srgb_to_linear(np.arange(256, dtype=np.float32) / np.float32(255.0))
+
+
 def srgb_to_lab(rgb_hwc_u8: np.ndarray) -> np.ndarray:
     """Converts sRGB uint8 (H, W, 3) to CIELAB (D65) float32 (H, W, 3): L in [0, 100], a/b in ~[-128, 127]."""
-    c = rgb_hwc_u8.astype(np.float32) / 255.0
-    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    lin = _LINEAR_OF_U8[rgb_hwc_u8]
     m = np.array(
         [
             [0.4124564, 0.3575761, 0.1804375],
