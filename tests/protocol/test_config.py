@@ -48,23 +48,55 @@ def test_values_are_coerced_by_field_type(tmp_path: Path) -> None:
     assert cfg.inner == _Inner(port=9, root=Path("/r"))
 
 
-def test_a_bool_is_not_turned_into_a_float_and_a_string_stays_a_string(tmp_path: Path) -> None:
-    cfg = load_config(_Role, None, {"rate_hz": True, "count": 2})
-    assert cfg.rate_hz is True  # not 1.0: the dataclass sees what the user wrote
+def test_a_string_stays_a_string_and_only_lists_become_tuples(tmp_path: Path) -> None:
     cfg = load_config(_Role, None, {"pair": [1, "a"], "data": None})
     assert cfg.pair == (1, "a") and cfg.data is None
     assert load_config(_Role, None, {"paths": "ab"}).paths == "ab"  # only lists become tuples
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rate_hz": True}, "rate_hz: expected float, got bool True"),  # not silently 1.0
+        ({"count": True}, "count: expected int, got bool True"),  # bool is an int in Python, not here
+        ({"count": 2.5}, "count: expected int, got float 2.5"),
+        ({"flag": "yes"}, "flag: expected bool, got str 'yes'"),
+        ({"rate_hz": "fast"}, "rate_hz: expected float, got str 'fast'"),
+        ({"data": 3}, "data: expected a path string, got int 3"),
+        ({"pair": [1]}, "pair: expected 2 items, got 1"),
+        ({"pair": ["1", "a"]}, "pair: expected int, got str '1'"),
+        ({"inner": {"port": "80"}}, "inner.port: expected int, got str '80'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_with_its_key(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigFileError, match=rf"^_Role: {re.escape(message)}$"):
+        load_config(_Role, None, overrides)
+
+
+@dataclass(frozen=True)
+class _Needs:
+    bundle: Path
+    source: str
+    port: int = 1
+
+
+def test_missing_required_keys_are_named_not_a_python_traceback(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "port = 2\n")
+    with pytest.raises(
+        ConfigFileError, match=rf"^{re.escape(str(path))}: missing required key\(s\) \['bundle', 'source'\]$"
+    ):
+        load_config(_Needs, path)
+    assert load_config(_Needs, path, {"bundle": "b", "source": "s"}) == _Needs(Path("b"), "s", 2)
+
+
 def test_errors_name_the_file_and_the_key_path(tmp_path: Path) -> None:
     path = _toml(tmp_path, "[inner]\nport = -1\n")
-    # A nested table's error is wrapped again by the outer level, so the location shows twice
-    # ("role.toml: role.toml.inner: ..."); these tests pin what the code says today.
-    with pytest.raises(ConfigFileError, match=rf"{re.escape(str(path))}\.inner: port must be >= 0, got -1$"):
+    # the file once, then the key path inside it
+    with pytest.raises(ConfigFileError, match=rf"^{re.escape(str(path))}: inner: port must be >= 0, got -1$"):
         load_config(_Role, path)
     with pytest.raises(
         ConfigFileError,
-        match=r"^_Role: _Role\.inner: unknown key\(s\) \['colour'\]; known: \['port', 'root'\]$",
+        match=r"^_Role: inner: unknown key\(s\) \['colour'\]; known: \['port', 'root'\]$",
     ):
         load_config(_Role, None, {"inner": {"colour": 1}})
     with pytest.raises(
