@@ -575,3 +575,35 @@ def test_score_bank_reweights_through_the_banks_index() -> None:
     assert result.image_score == pytest.approx(expected, rel=1e-6)
     exact = reweighted_image_score(result.query_nc, bank.feats_mc, dist_n, result.nearest_n)
     assert result.image_score != pytest.approx(exact, rel=1e-6)  # the index's support, not the exact one
+
+
+def _bank_whose_index_misses_the_zero_query() -> MemoryBank:
+    """Two IVF lists around (1, 0) and (-1.2, 0), and one row at (-0.3, 0) in the far list: the zero
+    query probes the near list only (nprobe 1) and finds a row ~1 away, while its true neighbour is 0.3."""
+    import faiss
+
+    rng = np.random.default_rng(41)
+    near = np.c_[1.0 + 0.02 * rng.normal(size=50), 0.02 * rng.normal(size=50)]
+    far = np.c_[-1.2 + 0.02 * rng.normal(size=49), 0.02 * rng.normal(size=49)]
+    feats = np.vstack([near, far, [[-0.3, 0.0]]]).astype(np.float32)
+    quantizer = faiss.IndexFlatL2(2)
+    quantizer.add(np.array([[1.0, 0.0], [-1.2, 0.0]], np.float32))
+    ivf = faiss.IndexIVFFlat(quantizer, 2, 2)
+    ivf.add(feats)
+    index = FaissIndex(ivf, "ivf-flat", {"nprobe": 1})
+    return MemoryBank("point", feats, 4, np.zeros(2, np.float32), 1.0, index=index)
+
+
+def test_background_patches_keep_their_exact_distance_where_the_index_would_miss() -> None:
+    """The skip is not only faster: a background patch gets the exact distance of the zero query (computed
+    once per bank), where searching it through an approximate index would report a farther row."""
+    bank = _bank_whose_index_misses_the_zero_query()
+    query = np.zeros((4, 4, 2), np.float32)
+    query[2:, :] = np.array([0.9, 0.05], np.float32)  # half the grid is object, near the first list
+    cfg = ScoreConfig(output_size=16)
+    fast = score_bank(query, bank, cfg)
+    searched = score_bank(query, bank, cfg, skip_background=False)
+    assert bank.zero_query.nn_dist == pytest.approx(0.3, abs=1e-6)
+    np.testing.assert_allclose(fast.patch_dist_hw[:2], 0.3, atol=1e-6)  # exact, from the constant
+    assert searched.patch_dist_hw[:2].min() > 0.9  # the index alone never sees the (-0.3, 0) row
+    np.testing.assert_array_equal(fast.patch_dist_hw[2:], searched.patch_dist_hw[2:])  # object: same search
