@@ -40,6 +40,7 @@ from edge.model_store import MODEL_FORMAT
 from edge.station_model import (
     StationModel,
     golden_scan,
+    info_from_manifest,
     networks_to_run,
     open_bundle,
     open_model_folder,
@@ -896,3 +897,35 @@ def test_a_model_folder_without_thresholds_keeps_the_manifests(fast: Fast, tmp_p
         model.summary["backend"] == "torch"
         and model.info.preset == open_bundle(fast.rgb_only, fast.keys).info.preset
     )
+
+
+def test_info_from_manifest_carries_every_scoring_and_threshold_fact(tmp_path: Path) -> None:
+    """Every scoring knob and the shipped threshold reach the station's configs, none left at a default."""
+    spec = ScoringSpec(0.3, 2.5, 5, 112, image_score_rule="topk_mean", image_topk_fraction=0.05)
+    manifest = draft_manifest(scoring=spec, thresholds=Thresholds("rgb", 1.75, 0.02))
+    info = info_from_manifest(tmp_path, manifest)
+    assert info.score == ScoreConfig(
+        reweight_k=5,
+        blur_sigma_px=2.5,
+        output_size=112,
+        rgb_lambda=0.3,
+        image_rule="topk_mean",
+        topk_fraction=0.05,
+        local_key="row",
+    )
+    local = draft_manifest(scoring=ScoringSpec(0.1, 4.0, 3, 224, local_norm_key="position"))
+    assert info_from_manifest(tmp_path, local).score.local_key == "position"
+    assert (info.thresholds, info.false_reject_rate) == ({"rgb": 1.75}, 0.02)
+    assert (info.root, info.class_name, info.raw, info.manifest) == (
+        tmp_path,
+        "bagel",
+        manifest.to_dict(),
+        manifest,
+    )
+    # the input spec's lists become the preprocessing config's tuples
+    assert info.preprocess.rgb_mean == (0.5, 0.5, 0.5) and info.preprocess.rgb_std == (0.2, 0.2, 0.2)
+    # a model folder's model.json holds every variant's threshold (floats); an empty one falls back
+    folder = info_from_manifest(tmp_path, manifest, {"thresholds": {"rgb": 2, "rgb+point": 3.5}})
+    assert folder.thresholds == {"rgb": 2.0, "rgb+point": 3.5}
+    assert all(type(v) is float for v in folder.thresholds.values())
+    assert info_from_manifest(tmp_path, manifest, {"thresholds": {}}).thresholds == {"rgb": 1.75}
