@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import pytest
 
@@ -114,3 +115,26 @@ def test_a_table_is_read_when_named_and_must_be_a_table(tmp_path: Path) -> None:
     with pytest.raises(ConfigFileError, match=r"^.*role\.toml: \[station\] must be a table$"):
         load_config(_Role, path, table="station")
     assert load_config(_Role, _toml(tmp_path, "count = 5\n", "top")).count == 5  # no table: the top level
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    local: PosixPath = PosixPath(".")  # a Path subclass as the field type
+    loose: typing.Tuple = ()  # noqa: UP006  bare Tuple: any number of items, each as written
+    extra: dict[str, int] = field(default_factory=dict)  # a dict that is not a dataclass table
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_path_subclasses_bare_tuples_and_plain_dicts(tmp_path: Path) -> None:
+    text = 'local = "/l"\nloose = [1, "a", 2.5]\n[extra]\nx = 1\n'
+    cfg = load_config(_Shapes, _toml(tmp_path, text))
+    assert cfg.local == Path("/l") and isinstance(cfg.local, Path)  # not left a str
+    assert cfg.loose == (1, "a", 2.5)
+    assert cfg.extra == {"x": 1}  # kept as the dict it is, not built as a dataclass
+    inner = _Inner(port=3)
+    assert load_config(_Shapes, None, {"inner": inner}).inner is inner  # an instance passes unchanged
+
+
+def test_a_wrong_item_of_a_variable_length_tuple_names_its_key() -> None:
+    with pytest.raises(ConfigFileError, match=r"^_Role: paths: expected a path string, got int 1$"):
+        load_config(_Role, None, {"paths": ["a", 1]})
