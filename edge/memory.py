@@ -10,6 +10,11 @@ The threshold is 2 MiB, not lower: every block above it is a fresh mmap whose pa
 touch. At 256 KiB the hand-made descriptors of `m3dm-free` (400 px, many 0.3-2 MB numpy temporaries a frame)
 ran 1.5x slower (read+preprocess 25 -> 17 ms, rgb 34 -> 22 ms, point 47 -> 29 ms per frame, idle, 2 cores),
 while the official-size station's peak RSS rose only 1311 -> 1369 MB (target 1.5 GB; 4 MiB: 1456 MB).
+
+The trim threshold is 16 MiB, not 1 MiB: below the mmap threshold every temporary lives in the heap, and
+trimming its top after each frame gave those pages back only to fault them in again on the next frame
+(m3dm-free read+preprocess+descriptors per frame, 4 passes over 7 scans, idle: 1 MiB 55-87 ms, glibc's
+default 48-57 ms, 16 MiB 41-50 ms, 64 MiB 41-47 ms). The heap top a frame leaves is at most 16 MiB per arena.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class MallocSettings:
     arena_max: heaps shared by all threads (glibc's default is 8 per core)."""
 
     mmap_threshold_b: int = 2 * 1024 * 1024
-    trim_threshold_b: int = 1024 * 1024
+    trim_threshold_b: int = 16 * 1024 * 1024
     arena_max: int = 2
 
 
