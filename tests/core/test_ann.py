@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -133,3 +135,99 @@ def test_load_index_checks_the_file_and_the_bank_it_covers(tmp_path: Path) -> No
     with pytest.raises(CorruptFileError, match="bad.faiss: unreadable faiss index: ") as caught:
         load_index(tmp_path / "bad.faiss", "ivf-flat", {"nprobe": 8}, rows=2000, dim=16)
     assert caught.value.path == str(tmp_path / "bad.faiss")
+
+
+def test_without_faiss_the_error_names_the_package_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import ann
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    with pytest.raises(
+        ConfigError, match=r"^this bundle ships an ANN index; install faiss-cpu \(the `edge` extra has it\)$"
+    ):
+        ann._faiss()
+
+
+def _lists_of_a_dropped_index(rows_mc: np.ndarray) -> IvfLists:
+    return IvfLists(ivf_flat(rows_mc, nlist=4), nprobe=4)  # the caller keeps no reference to the index
+
+
+def test_the_list_views_keep_their_index_alive() -> None:
+    # lists of ~1.3 MB each: freed storage would be unmapped, not left in place by chance
+    rows_mc = np.random.default_rng(5).standard_normal((20_000, 64)).astype(np.float32)
+    lists = _lists_of_a_dropped_index(rows_mc)
+    gc.collect()
+    _ = [np.ones((5_000, 64), np.float32) for _ in range(8)]  # reuse any memory that was released
+    got = np.concatenate([lists.rows_of_list[i] for i in sorted(lists.rows_of_list)])
+    np.testing.assert_array_equal(got, rows_mc[lists.ids_m])
+    queries = rows_mc[[0, 7, 19_999]] + 1e-3
+    np.testing.assert_array_equal(lists.search(queries), [0, 7, 19_999])
+
+
+# 512 lists: numpy's argpartition of a row that long leaves the smallest first only when asked for it
+@pytest.mark.parametrize(("nlist", "nprobe"), [(64, 1), (64, 2), (64, 3), (512, 1)])
+def test_few_probes_among_many_lists_match_faiss_exactly(nlist: int, nprobe: int) -> None:
+    rows_mc, queries_nc = _small_bank(rows=12_000, dim=8, seed=3)
+    ivf = ivf_flat(rows_mc, nlist=nlist)
+    ours = FaissIndex(ivf, "ivf-flat", {"nprobe": nprobe})
+    theirs = FaissIndex(ivf, "ivf-flat", {"nprobe": nprobe}, engine="faiss")
+    np.testing.assert_array_equal(ours.search(queries_nc), theirs.search(queries_nc))
+    assert (ours.search(queries_nc) != _exact_nearest(rows_mc, queries_nc)).any()  # probing is partial
+
+
+def _ivf_with_rows_in(
+    rows_mc: np.ndarray, nlist: int, lists: tuple[int, ...]
+) -> tuple[faiss.IndexIVFFlat, np.ndarray]:
+    """An IVF index trained on every row that holds only the rows of `lists` (ids 0.. in row order)."""
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(rows_mc.shape[1]), rows_mc.shape[1], nlist)
+    ivf.train(rows_mc)
+    _, list_of_row = ivf.quantizer.search(rows_mc, 1)
+    kept_mc = rows_mc[np.isin(list_of_row[:, 0], lists)]
+    ivf.add(kept_mc)
+    return ivf, kept_mc
+
+
+def test_an_empty_list_is_skipped_and_the_later_lists_still_searched() -> None:
+    rows_mc, queries_nc = _small_bank()
+    ivf, kept_mc = _ivf_with_rows_in(rows_mc, nlist=4, lists=(1, 2, 3))  # list 0 (probed first) is empty
+    got = FaissIndex(ivf, "ivf-flat", {"nprobe": 4}).search(queries_nc)
+    np.testing.assert_array_equal(got, _exact_nearest(kept_mc, queries_nc))
+
+
+def test_ivf_lists_answer_int64_ids_and_minus_one_where_nothing_is_reachable() -> None:
+    rows_mc, _ = _small_bank()
+    ivf, kept_mc = _ivf_with_rows_in(rows_mc, nlist=4, lists=(0,))
+    centroids = ivf.quantizer.reconstruct_n(0, 4)
+    got = IvfLists(ivf, nprobe=1).search(np.vstack([kept_mc[:2], centroids[1:]]))
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, [0, 1, -1, -1, -1])  # faiss's own padding value
+
+
+def test_an_index_with_no_rows_has_empty_lists_and_finds_nothing() -> None:
+    rows_mc, queries_nc = _small_bank()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 4)
+    ivf.train(rows_mc)  # trained, nothing added
+    lists = IvfLists(ivf, nprobe=2)
+    assert lists.ids_m.shape == (0,) and lists.ids_m.dtype == np.int64
+    assert lists.sq_m.shape == (0,) and lists.sq_m.dtype == np.float32
+    assert lists.rows_of_list == {} and list(lists.offsets) == [0, 0, 0, 0, 0]
+    np.testing.assert_array_equal(lists.search(queries_nc[:3]), [-1, -1, -1])
+    with pytest.raises(ConfigError, match=r"^ivf-flat index found no neighbour for some queries; raise"):
+        FaissIndex(ivf, "ivf-flat", {"nprobe": 4}).search(queries_nc)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "faiss"])
+def test_row_zero_is_a_neighbour_like_any_other(engine: str) -> None:
+    rows_mc, _ = _small_bank()
+    index = FaissIndex(ivf_flat(rows_mc, nlist=8), "ivf-flat", {"nprobe": 8}, engine=engine)
+    np.testing.assert_array_equal(index.search(rows_mc[:3] + 1e-4), [0, 1, 2])
+
+
+def test_neighbours_are_ascending_and_one_neighbour_is_allowed() -> None:
+    rows_mc, queries_nc = _small_bank()
+    index = FaissIndex(ivf_flat(rows_mc, nlist=8), "ivf-flat", {"nprobe": 8})  # every list: exact
+    one = index.neighbours(queries_nc, 1)
+    assert one.shape == (50, 1) and one.dtype == np.int64
+    np.testing.assert_array_equal(one[:, 0], _exact_nearest(rows_mc, queries_nc))
+    five = index.neighbours(queries_nc[:4].astype(np.float64), 5)
+    dist_nm = ((queries_nc[:4, None] - rows_mc[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(five, np.argsort(dist_nm, axis=1)[:, :5])
