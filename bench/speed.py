@@ -134,12 +134,11 @@ def station_child(work: Path, threads: int, precision: str) -> None:  # noqa: PL
         frame(ref)
     # Further timed passes over the same frames (meta "repeats"): the stage medians come from every pass,
     # the scores and maps from the first (they are identical), so one noisy moment moves the median less.
-    first_pass = {key: list(values) for key, values in out.items()}
     for _ in range(int(meta.get("repeats", 1)) - 1):
         for ref in refs:
             frame(ref)
-    first_pass["ms"] = out["ms"]
-    out = first_pass
+    for key in out.keys() - {"ms"}:
+        del out[key][len(refs) :]
     np.savez(
         work / f"station_{precision}.npz",
         image=np.array(out["image"]),

@@ -84,8 +84,6 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigFileError(f"{here}missing required key(s) {missing}")
     try:
         return cls(**values)
-    except ConfigFileError:
-        raise  # a nested table's error already names its key path
     except (TypeError, ValueError) as err:
         raise ConfigFileError(f"{here}{err}") from None
 
