@@ -71,11 +71,12 @@ class IvfLists:
         self.sq_m = np.concatenate(sq) if sq else np.empty(0, np.float32)
         self.nprobe = min(nprobe, nlist)
 
-    def search(self, query_nc: np.ndarray) -> np.ndarray:
-        """(N, C) -> (N,) nearest row id among the nprobe nearest lists of each query."""
+    def search(self, query_nc: np.ndarray, nprobe: int | None = None) -> np.ndarray:
+        """(N, C) -> (N,) nearest row id among the nprobe nearest lists of each query (-1: all empty)."""
+        probe = self.nprobe if nprobe is None else min(nprobe, self.centroids_lc.shape[0])
         coarse = (-2.0 * query_nc) @ self.centroids_lc.T + self.cent_sq_l
-        probes = np.argpartition(coarse, self.nprobe - 1, axis=1)[:, : self.nprobe]
-        pair_q = np.repeat(np.arange(query_nc.shape[0]), self.nprobe)
+        probes = np.argpartition(coarse, probe - 1, axis=1)[:, :probe]
+        pair_q = np.repeat(np.arange(query_nc.shape[0]), probe)
         pair_l = probes.reshape(-1)
         order = np.argsort(pair_l, kind="stable")
         pair_q, pair_l = pair_q[order], pair_l[order]
@@ -145,9 +146,29 @@ class FaissIndex:
             idx_n = self._lists.search(query)
         else:
             idx_n = self.index.search(query, 1)[1][:, 0]
-        if (idx_n < 0).any():  # fewer rows reachable than asked (tiny lists): faiss pads with -1
-            raise ConfigError(f"{self.kind} index found no neighbour for some queries; raise {self.params}")
+        missing = np.flatnonzero(idx_n < 0)
+        if missing.size:
+            # Every probed list was empty (k-means leaves empty lists where the bank has duplicate rows, as a
+            # full-fraction bank of a plain surface does): those queries probe every list instead, so a normal
+            # frame is always scored. Only an index with no rows at all finds nothing.
+            idx_n = np.array(idx_n, dtype=np.int64)
+            idx_n[missing] = self._search_every_list(query[missing])
+            if (idx_n < 0).any():
+                raise ConfigError(f"{self.kind} index holds no rows; nothing to search")
         return idx_n.astype(np.int64, copy=False)
+
+    def _search_every_list(self, query_nc: np.ndarray) -> np.ndarray:
+        if self.kind != "ivf-flat":  # HNSW answers -1 only when the graph has no rows
+            return np.full(query_nc.shape[0], -1, np.int64)
+        if self._lists is not None:
+            return self._lists.search(query_nc, nprobe=self._lists.centroids_lc.shape[0])
+        ivf = _faiss().extract_index_ivf(self.index)
+        probe = ivf.nprobe
+        ivf.nprobe = int(ivf.nlist)
+        try:
+            return np.asarray(self.index.search(query_nc, 1)[1][:, 0], dtype=np.int64)
+        finally:
+            ivf.nprobe = probe
 
     def neighbours(self, query_nc: np.ndarray, k: int) -> np.ndarray:
         """(N, C) float32 -> (N, k) int64 ids of the k nearest rows found, ascending (-1: not found).

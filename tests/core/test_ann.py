@@ -93,10 +93,10 @@ def test_an_empty_query_and_queries_that_reach_only_empty_lists() -> None:
         empty = index.search(np.zeros((0, 16), np.float32))
         assert empty.shape == (0,) and empty.dtype == np.int64
         assert index.search(centroids[:1]).shape == (1,)  # the populated list answers
-        with pytest.raises(
-            ConfigError, match=r"^ivf-flat index found no neighbour for some queries; raise \{'nprobe': 1\}$"
-        ):
-            index.search(centroids[1:])
+        # Queries whose one probed list is empty fall back to every list: the nearest row of list 0.
+        kept_mc = rows_mc[list_of_row[:, 0] == 0]
+        np.testing.assert_array_equal(index.search(centroids[1:]), _exact_nearest(kept_mc, centroids[1:]))
+        assert index.params == {"nprobe": 1} and faiss.extract_index_ivf(ivf).nprobe == 1  # knob restored
 
 
 def test_hnsw_runs_in_faiss_with_its_ef_search() -> None:
@@ -200,6 +200,8 @@ def test_ivf_lists_answer_int64_ids_and_minus_one_where_nothing_is_reachable() -
     got = IvfLists(ivf, nprobe=1).search(np.vstack([kept_mc[:2], centroids[1:]]))
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, [0, 1, -1, -1, -1])  # faiss's own padding value
+    every_list = IvfLists(ivf, nprobe=1).search(centroids[1:], nprobe=4)  # the fallback FaissIndex uses
+    np.testing.assert_array_equal(every_list, _exact_nearest(kept_mc, centroids[1:]))
 
 
 def test_an_index_with_no_rows_has_empty_lists_and_finds_nothing() -> None:
@@ -211,8 +213,9 @@ def test_an_index_with_no_rows_has_empty_lists_and_finds_nothing() -> None:
     assert lists.sq_m.shape == (0,) and lists.sq_m.dtype == np.float32
     assert lists.rows_of_list == {} and list(lists.offsets) == [0, 0, 0, 0, 0]
     np.testing.assert_array_equal(lists.search(queries_nc[:3]), [-1, -1, -1])
-    with pytest.raises(ConfigError, match=r"^ivf-flat index found no neighbour for some queries; raise"):
-        FaissIndex(ivf, "ivf-flat", {"nprobe": 4}).search(queries_nc)
+    for engine in ("numpy", "faiss"):
+        with pytest.raises(ConfigError, match=r"^ivf-flat index holds no rows; nothing to search$"):
+            FaissIndex(ivf, "ivf-flat", {"nprobe": 4}, engine=engine).search(queries_nc)
 
 
 @pytest.mark.parametrize("engine", ["numpy", "faiss"])
