@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.config import FeaturePreset
+from core.config import SITE_BACKBONE, FeaturePreset
 from core.errors import ConfigError, EmptyCloudError
 from core.scan import PatchFeatures, PreparedScan
 
@@ -31,9 +31,45 @@ def rgb_features(scan: PreparedScan, preset: FeaturePreset, runner: object | Non
         return rgb_descriptor(scan)
     if runner is None:
         raise ConfigError(f"preset {preset.name} needs an rgb network runner")
-    tokens_bpc = runner.run({"image": scan.rgb_chw[None].astype(np.float32, copy=False)})["tokens"]
+    image_chw = site_network_input(scan) if preset.rgb_backbone == SITE_BACKBONE else scan.rgb_chw
+    tokens_bpc = runner.run({"image": image_chw[None].astype(np.float32, copy=False)})["tokens"]
     grid = preset.rgb_grid
-    return np.ascontiguousarray(tokens_bpc[0].reshape(grid, grid, -1), dtype=np.float32)
+    feats_hwc = np.ascontiguousarray(tokens_bpc[0].reshape(grid, grid, -1), dtype=np.float32)
+    if preset.rgb_backbone == SITE_BACKBONE:
+        # The site CNN's receptive field reaches into the removed background, so its tokens there vary with
+        # the object's pose and outline: on ring (a hole in the middle) the image score of good scans sat in
+        # the hole and rgb I-AUROC fell below chance (0.33). Like the weight-free descriptor, a token whose
+        # patch holds no object pixel is exactly 0, which the banks score as background.
+        feats_hwc[~patch_has_object(scan.valid_hw, grid)] = 0.0
+    return feats_hwc
+
+
+def site_network_input(scan: PreparedScan) -> np.ndarray:
+    """(3, S, S) float32: the normalised image with the object's own mean colour taken off its pixels.
+
+    The site CNN is trained on one class's few normals, so a part colour it rarely saw (family A draws a
+    colour per part) made every token of that scan far from the bank: a good orange ring scored 19 against 6
+    for a cracked grey one. Colour differences inside the part (stains, burns) are kept; the trainer feeds
+    its encoder the same input (trainer/site/train.py).
+    """
+    image = np.array(scan.rgb_chw, dtype=np.float32)
+    size = image.shape[-1]
+    valid = scan.valid_hw
+    if valid.shape != (size, size):
+        idx = (np.arange(size) * valid.shape[0]) // size
+        valid = valid[np.ix_(idx, idx)]
+    if valid.any():
+        image[:, valid] -= image[:, valid].mean(axis=1, keepdims=True)
+    return image
+
+
+def patch_has_object(valid_hw: np.ndarray, grid: int) -> np.ndarray:
+    """(grid, grid) bool: that patch of the (S, S) mask holds a valid pixel (S a multiple of grid)."""
+    size = valid_hw.shape[0]
+    if valid_hw.shape != (size, size) or size % grid:
+        raise ConfigError(f"valid mask {valid_hw.shape} does not tile into a {grid}x{grid} grid")
+    step = size // grid
+    return valid_hw.reshape(grid, step, grid, step).any(axis=(1, 3))
 
 
 def point_features(scan: PreparedScan, preset: FeaturePreset, runner: object | None) -> np.ndarray:

@@ -14,7 +14,14 @@ import pytest
 
 from core.config import get_preset
 from core.errors import ConfigError, EmptyCloudError
-from core.features import FeatureRunners, extract_features, point_features, rgb_features
+from core.features import (
+    FeatureRunners,
+    extract_features,
+    patch_has_object,
+    point_features,
+    rgb_features,
+    site_network_input,
+)
 from core.free_features import point_descriptor, rgb_descriptor
 from core.grouping import group_points
 from core.pfa import align_point_features
@@ -25,6 +32,7 @@ S = 224
 # The m3dm preset with a small point grouping: the wiring is the same, the FPS is ~100x cheaper.
 NET = replace(get_preset("m3dm"), num_groups=32, group_size=8)
 FREE = get_preset("m3dm-free")
+SITE = get_preset("m3dm-site")
 
 
 class TokenRunner:
@@ -140,3 +148,46 @@ def test_both_modalities_by_default_and_an_empty_point_grid_for_rgb_only() -> No
     np.testing.assert_array_equal(rgb_only.rgb_hwc, both.rgb_hwc)
     assert rgb_only.point_hwc.shape == (56, 56, 0) and rgb_only.point_hwc.dtype == np.float32
     assert points.calls == []  # no point network run for an RGB-only model
+
+
+def test_patch_has_object_marks_every_patch_with_a_valid_pixel() -> None:
+    valid = np.zeros((S, S), bool)
+    valid[9, 17] = True  # one pixel in patch (1, 2)
+    valid[200:224, 0:8] = True  # patches (25..27, 0)
+    got = patch_has_object(valid, 28)
+    want = np.zeros((28, 28), bool)
+    want[1, 2] = True
+    want[25:28, 0] = True
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ConfigError, match="does not tile into a 28x28 grid"):
+        patch_has_object(np.ones((S, S + 8), bool), 28)
+    with pytest.raises(ConfigError, match="does not tile"):
+        patch_has_object(np.ones((100, 100), bool), 28)
+
+
+def test_the_site_input_removes_the_object_mean_colour_and_keeps_the_background() -> None:
+    scan = _scan()
+    image = site_network_input(scan)
+    valid = scan.valid_hw
+    np.testing.assert_allclose(image[:, valid].mean(axis=1), 0.0, atol=1e-5)
+    np.testing.assert_array_equal(image[:, ~valid], scan.rgb_chw[:, ~valid])
+    # A part of another colour (a constant shift on its pixels) gives the same network input.
+    shifted = scan.rgb_chw.copy()
+    shifted[:, valid] += np.array([0.7, -0.3, 1.1], np.float32)[:, None]
+    recoloured = replace(scan, rgb_chw=shifted)
+    np.testing.assert_allclose(site_network_input(recoloured)[:, valid], image[:, valid], atol=1e-5)
+    # An empty mask leaves the image as it is; the scan itself is never written to.
+    empty = _scan(np.zeros((S, S), bool))
+    np.testing.assert_array_equal(site_network_input(empty), empty.rgb_chw)
+    assert image is not scan.rgb_chw and not np.shares_memory(image, scan.rgb_chw)
+
+
+def test_the_site_preset_feeds_that_input_and_zeroes_background_tokens() -> None:
+    scan, runner = _scan(), TokenRunner()
+    feats = rgb_features(scan, SITE, runner)
+    (call,) = runner.calls
+    np.testing.assert_array_equal(call["image"], site_network_input(scan)[None])
+    on_object = patch_has_object(scan.valid_hw, 28)
+    assert 0 < on_object.sum() < 28 * 28
+    assert (feats[~on_object] == 0).all()
+    np.testing.assert_array_equal(feats[on_object, 3], np.arange(28 * 28).reshape(28, 28)[on_object])

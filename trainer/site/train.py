@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from core.config import SITE_WIDTH, PreprocessConfig
 from core.errors import ConfigError, CorruptFileError, InputError, M3DMError, MissingWeightsError
+from core.features import site_network_input
 from core.mvtec3d import list_samples, load_scan
 from core.preprocess import prepare_scan
 from trainer.site.augment import synthetic_anomaly
@@ -107,7 +108,7 @@ def site_training_images(
         except InputError as err:
             log.warning("site training skips %s: %s", ref.rgb_path, err)
             continue
-        images.append(scan.rgb_chw)
+        images.append(site_network_input(scan))
         masks.append(_mask_at(scan.valid_hw, scan.rgb_chw.shape[-1]))
     if not list_samples(data_root, class_name, "validation") and len(images) >= 6:
         keep = len(images) - max(2, len(images) // 5)  # the rule of trainer.fit.split_off_validation
