@@ -2,11 +2,13 @@
 
     python bench/image_score_rules.py --work runs/image_rules            # family A (`m3dm synth`)
     python bench/image_score_rules.py --work runs/image_rules_b --family b  # family B, reported only
+    python bench/image_score_rules.py --work runs/site_rules --preset m3dm-site --size 224  # site encoder
 
-Per class: fit m3dm-free once (`trainer.fit.fit_class`, the product fit), fit the local scales of both keys
-from the training normals (`trainer.local_scale`, leave one image out), then for every rule: bank image
-scores of the held-out normals -> score normaliser + DLF fitted on them (`trainer.dlf`, as the trainer
-does) -> I-AUROC of the five variants on the validation-defect split and on the test split.
+Per class: fit the preset once (`trainer.fit.fit_class`, the product fit; m3dm-site first trains the
+class's encoder with `trainer.site.train.train_site_for_class`, as `m3dm train` does), fit the local scales
+of both keys from the training normals (`trainer.local_scale`, leave one image out), then for every rule:
+bank image scores of the held-out normals -> score normaliser + DLF fitted on them (`trainer.dlf`, as the
+trainer does) -> I-AUROC of the five variants on the validation-defect split and on the test split.
 
 Validation defects, family A: the test split of a second `m3dm synth` data set with another seed (same
 generator, other parts), scored by the models fitted on the first; the first's test split is only reported.
@@ -35,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import core.model  # noqa: E402
-from core.config import PRESETS, DLFConfig, FitConfig, PreprocessConfig, ScoreConfig  # noqa: E402
+from core.config import PRESETS, SITE_BACKBONE, DLFConfig, FitConfig, PreprocessConfig, ScoreConfig  # noqa: E402
 from core.model import BANKS, VARIANTS, FrameScorer  # noqa: E402
 from core.scoring import BankScore, bank_image_score, score_bank  # noqa: E402
 
@@ -163,6 +165,26 @@ def evaluate_class(
     return result
 
 
+def fitted_class(data: Path, name: str, cfg: FitConfig, runners: object | None, model_dir: Path) -> object:
+    """Fit the class into model_dir unless it is there; return its feature runners.
+
+    runners None: the preset's rgb encoder is the class's own (m3dm-site), trained here first as `m3dm train`
+    does, then loaded from model_dir like any backbone.
+    """
+    from trainer.backbones import WeightPaths, build_feature_runners
+    from trainer.fit import fit_class
+    from trainer.site.train import SiteConfig, train_site_for_class
+
+    fitted = (model_dir / "model.json").is_file()
+    if runners is None:
+        if not fitted:
+            train_site_for_class(data, name, cfg.preprocess, SiteConfig(), model_dir, cfg.preset.rgb_dim)
+        runners = build_feature_runners(cfg.preset, WeightPaths(), model_dir)
+    if not fitted:
+        fit_class(data, name, cfg, runners, model_dir)
+    return runners
+
+
 SMALL = {"n_train": 6, "n_validation": 4, "n_test_good": 3, "n_test_per_defect": 2}  # --small: a smoke run
 
 
@@ -212,11 +234,11 @@ def main() -> None:
     parser.add_argument("--classes", nargs="*", default=None)
     parser.add_argument("--small", action="store_true", help="a tiny smoke run (one class, few scans)")
     parser.add_argument("--size", type=int, default=400, help="generated frame side (largest, family B), px")
+    parser.add_argument("--preset", choices=("m3dm-free", "m3dm-site"), default="m3dm-free")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from trainer.backbones import WeightPaths, build_feature_runners
-    from trainer.fit import fit_class
 
     work: Path = args.work
     data, val_data = work / "data", (work / "val_data" if args.family == "a" else None)
@@ -225,8 +247,8 @@ def main() -> None:
     if val_data is not None:
         synthesize_family("a", val_data, 1, True, args.small, args.size)
     log.info("data ready in %.0f s", time.perf_counter() - t0)
-    preset = PRESETS["m3dm-free"]
-    runners = build_feature_runners(preset, WeightPaths())
+    preset = PRESETS[args.preset]
+    runners = None if preset.rgb_backbone == SITE_BACKBONE else build_feature_runners(preset, WeightPaths())
     cfg = FitConfig(preset=preset, preprocess=PreprocessConfig(rgb_input_size=preset.rgb_input_size))
     per_class: dict[str, dict] = {}
     for name in args.classes or class_names(data):
@@ -235,13 +257,12 @@ def main() -> None:
             per_class[name] = json.loads(out.read_text())
             continue
         model_dir = work / "models" / name
-        if not (model_dir / "model.json").is_file():
-            fit_class(data, name, cfg, runners, model_dir)
-        per_class[name] = evaluate_class(data, val_data, name, model_dir, runners)
+        class_runners = fitted_class(data, name, cfg, runners, model_dir)
+        per_class[name] = evaluate_class(data, val_data, name, model_dir, class_runners)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(per_class[name], indent=1))
         log.info("class %s done at %.0f s", name, time.perf_counter() - t0)
-    report = {"classes": sorted(per_class), "seconds": time.perf_counter() - t0}
+    report = {"preset": preset.name, "classes": sorted(per_class), "seconds": time.perf_counter() - t0}
     for split in ("validation", "test"):
         if all(split in per_class[c]["max_patch"] for c in per_class):
             text, means = table(per_class, split)
