@@ -154,9 +154,19 @@ PRESETS: dict[str, FeaturePreset] = {
         image_rule="max_blurred_map",
     ),
     # Learned rgb features from the class's training normals, the weight-free point descriptor; per-channel
-    # bank norm because the point half keeps its mixed units.
+    # bank norm because the point half keeps its mixed units. Image rule: distances over each patch
+    # position's own spread in training, best on family A's validation defects (BENCHMARKS.md, "m3dm-site
+    # image-score rule").
     "m3dm-site": FeaturePreset(
-        "m3dm-site", SITE_BACKBONE, "free", 224, SITE_RGB_DIM, FREE_POINT_DIM, bank_norm="per_dim"
+        "m3dm-site",
+        SITE_BACKBONE,
+        "free",
+        224,
+        SITE_RGB_DIM,
+        FREE_POINT_DIM,
+        bank_norm="per_dim",
+        image_rule="local_norm",
+        image_local_key="position",
     ),
 }
 
