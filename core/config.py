@@ -155,8 +155,8 @@ PRESETS: dict[str, FeaturePreset] = {
     ),
     # Learned rgb features from the class's training normals, the weight-free point descriptor; per-channel
     # bank norm because the point half keeps its mixed units. Image rule: distances over each patch
-    # position's own spread in training, best on family A's validation defects (BENCHMARKS.md, "m3dm-site
-    # image-score rule").
+    # position's own spread in training, best on family A's validation defects (BENCHMARKS.md, "m3dm-site:
+    # object-relative input, background tokens, image-score rule").
     "m3dm-site": FeaturePreset(
         "m3dm-site",
         SITE_BACKBONE,

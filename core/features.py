@@ -31,11 +31,12 @@ def rgb_features(scan: PreparedScan, preset: FeaturePreset, runner: object | Non
         return rgb_descriptor(scan)
     if runner is None:
         raise ConfigError(f"preset {preset.name} needs an rgb network runner")
-    image_chw = site_network_input(scan) if preset.rgb_backbone == SITE_BACKBONE else scan.rgb_chw
+    site = preset.rgb_backbone == SITE_BACKBONE
+    image_chw = site_network_input(scan) if site else scan.rgb_chw
     tokens_bpc = runner.run({"image": image_chw[None].astype(np.float32, copy=False)})["tokens"]
     grid = preset.rgb_grid
     feats_hwc = np.ascontiguousarray(tokens_bpc[0].reshape(grid, grid, -1), dtype=np.float32)
-    if preset.rgb_backbone == SITE_BACKBONE:
+    if site:
         # The site CNN's receptive field reaches into the removed background, so its tokens there vary with
         # the object's pose and outline: on ring (a hole in the middle) the image score of good scans sat in
         # the hole and rgb I-AUROC fell below chance (0.33). Like the weight-free descriptor, a token whose
@@ -53,14 +54,18 @@ def site_network_input(scan: PreparedScan) -> np.ndarray:
     its encoder the same input (trainer/site/train.py).
     """
     image = np.array(scan.rgb_chw, dtype=np.float32)
-    size = image.shape[-1]
-    valid = scan.valid_hw
-    if valid.shape != (size, size):
-        idx = (np.arange(size) * valid.shape[0]) // size
-        valid = valid[np.ix_(idx, idx)]
+    valid = mask_at_size(scan.valid_hw, image.shape[-1])
     if valid.any():
         image[:, valid] -= image[:, valid].mean(axis=1, keepdims=True)
     return image
+
+
+def mask_at_size(valid_hw: np.ndarray, size: int) -> np.ndarray:
+    """(H, H) bool mask -> (size, size) by nearest index (the rgb input may be 392 px, the mask 224)."""
+    if valid_hw.shape[0] == size:
+        return valid_hw
+    idx = (np.arange(size) * valid_hw.shape[0]) // size
+    return valid_hw[np.ix_(idx, idx)]
 
 
 def patch_has_object(valid_hw: np.ndarray, grid: int) -> np.ndarray:

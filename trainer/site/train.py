@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from core.config import SITE_WIDTH, PreprocessConfig
 from core.errors import ConfigError, CorruptFileError, InputError, M3DMError, MissingWeightsError
-from core.features import site_network_input
+from core.features import mask_at_size, site_network_input
 from core.mvtec3d import list_samples, load_scan
 from core.preprocess import prepare_scan
 from trainer.site.augment import synthetic_anomaly
@@ -109,20 +109,13 @@ def site_training_images(
             log.warning("site training skips %s: %s", ref.rgb_path, err)
             continue
         images.append(site_network_input(scan))
-        masks.append(_mask_at(scan.valid_hw, scan.rgb_chw.shape[-1]))
+        masks.append(mask_at_size(scan.valid_hw, scan.rgb_chw.shape[-1]))
     if not list_samples(data_root, class_name, "validation") and len(images) >= 6:
         keep = len(images) - max(2, len(images) // 5)  # the rule of trainer.fit.split_off_validation
         images, masks = images[:keep], masks[:keep]
     if len(images) < 2:
         raise InputError(f"class {class_name}: fewer than 2 usable training scans", data_root / class_name)
     return np.stack(images).astype(np.float32), np.stack(masks)
-
-
-def _mask_at(valid_hw: np.ndarray, size: int) -> np.ndarray:
-    if valid_hw.shape[0] == size:
-        return valid_hw
-    idx = (np.arange(size) * valid_hw.shape[0]) // size
-    return valid_hw[np.ix_(idx, idx)]
 
 
 def _crop(
