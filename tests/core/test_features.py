@@ -11,10 +11,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from core.config import get_preset
 from core.errors import ConfigError, EmptyCloudError
 from core.features import (
+    SITE_RIM_PX,
     FeatureRunners,
     extract_features,
     patch_has_object,
@@ -165,21 +167,43 @@ def test_patch_has_object_marks_every_patch_with_a_valid_pixel() -> None:
         patch_has_object(np.ones((100, 100), bool), 28)
 
 
-def test_the_site_input_removes_the_object_mean_colour_and_keeps_the_background() -> None:
+def test_the_site_input_removes_the_interior_mean_colour_and_fills_the_rest_from_the_interior() -> None:
     scan = _scan()
     image = site_network_input(scan)
     valid = scan.valid_hw
-    np.testing.assert_allclose(image[:, valid].mean(axis=1), 0.0, atol=1e-5)
-    np.testing.assert_array_equal(image[:, ~valid], scan.rgb_chw[:, ~valid])
-    # A part of another colour (a constant shift on its pixels) gives the same network input.
+    interior = ndimage.binary_erosion(valid, iterations=SITE_RIM_PX)
+    assert 0 < interior.sum() < valid.sum()
+    mean_c = scan.rgb_chw[:, interior].mean(axis=1)
+    np.testing.assert_allclose(image[:, interior], scan.rgb_chw[:, interior] - mean_c[:, None], atol=1e-5)
+    np.testing.assert_allclose(image[:, interior].mean(axis=1), 0.0, atol=1e-5)
+    # Background and rim copy their nearest interior pixel: the left-most background pixel of the middle
+    # row takes the colour of the disc's left-most interior pixel on that row (the disc is centred at x 100).
+    row = 112
+    first = int(np.flatnonzero(interior[row])[0])
+    for x in (0, first - 1):
+        np.testing.assert_allclose(image[:, row, x], image[:, row, first], atol=1e-6)
+    assert not valid[row, 0] and not interior[row, first - 1]
+    # A part of another colour (a constant shift on its pixels) gives the same network input everywhere.
     shifted = scan.rgb_chw.copy()
     shifted[:, valid] += np.array([0.7, -0.3, 1.1], np.float32)[:, None]
-    recoloured = replace(scan, rgb_chw=shifted)
-    np.testing.assert_allclose(site_network_input(recoloured)[:, valid], image[:, valid], atol=1e-5)
+    np.testing.assert_allclose(site_network_input(replace(scan, rgb_chw=shifted)), image, atol=1e-5)
+    # So does another background, which the CNN no longer sees.
+    other_bg = np.where(valid, scan.rgb_chw, np.float32(-2.1))
+    np.testing.assert_allclose(site_network_input(replace(scan, rgb_chw=other_bg)), image, atol=1e-6)
     # An empty mask leaves the image as it is; the scan itself is never written to.
     empty = _scan(np.zeros((S, S), bool))
     np.testing.assert_array_equal(site_network_input(empty), empty.rgb_chw)
     assert image is not scan.rgb_chw and not np.shares_memory(image, scan.rgb_chw)
+
+
+def test_a_part_thinner_than_the_rim_fills_from_all_of_its_pixels() -> None:
+    thin = np.zeros((S, S), bool)
+    thin[100:103, 20:200] = True  # 3 px: erosion by the rim leaves nothing
+    scan = _scan(thin)
+    image = site_network_input(scan)
+    np.testing.assert_allclose(image[:, thin].mean(axis=1), 0.0, atol=1e-5)
+    assert np.isfinite(image).all()
+    np.testing.assert_allclose(image[:, 0, 100], image[:, 100, 100], atol=1e-6)
 
 
 def test_the_site_preset_feeds_that_input_and_zeroes_background_tokens() -> None:
