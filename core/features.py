@@ -51,8 +51,8 @@ def rgb_features(scan: PreparedScan, preset: FeaturePreset, runner: object | Non
 
 
 def site_network_input(scan: PreparedScan) -> np.ndarray:
-    """(3, S, S) float32: the object's pixels minus its own mean colour, every other pixel a copy of the
-    nearest pixel of the object's interior (the object eroded by SITE_RIM_PX).
+    """(3, S, S) float32: each pixel is its nearest pixel of the object's interior (the object eroded by
+    SITE_RIM_PX; interior pixels are themselves) less the interior's mean colour.
 
     Mean colour: the site CNN is trained on one class's few normals, so a part colour it rarely saw (family
     A draws a colour per part) made every token of that scan far from the bank: a good orange ring scored
@@ -78,7 +78,7 @@ def site_network_input(scan: PreparedScan) -> np.ndarray:
     near_p = ndimage.distance_transform_edt(~interior, return_distances=False, return_indices=True)
     near_flat_p = (near_p[0] * size + near_p[1]).reshape(-1)
     filled_cp = np.take(pixels_cp, near_flat_p, axis=1)
-    filled_cp -= mean_c[:, None].astype(np.float32)
+    filled_cp -= mean_c[:, None]
     return filled_cp.reshape(3, size, size)
 
 
