@@ -110,7 +110,14 @@ FREE_RGB_DIM = 35
 FREE_POINT_DIM = 9
 
 # `m3dm-site`: an rgb CNN trained per class on its own normals (trainer/site); stations run its ONNX graph.
-SITE_BACKBONE = "site_cnn"
+# The id carries the version of its input (`core.features.site_network_input`): a CNN only means something
+# on the input it was trained on, so a bundle of an older input names an id no station runs and is refused
+# at load instead of being scored silently wrong. v1 (ImageNet-normalised scan) -> v2 (interior mean colour
+# removed) -> v3 (background and rim filled from the interior, `statistics_mask`'s interior).
+SITE_BACKBONE = "site_cnn_v3"
+# Every backbone id a station can run; a manifest naming another is refused (`check_backbones`).
+RGB_BACKBONES = frozenset({"free", "dino_vitb8", "dinov2_vitb14", SITE_BACKBONE})
+POINT_BACKBONES = frozenset({"free", "point_mae"})
 SITE_WIDTH = 32  # base channels of trainer.site.model.SiteEncoder
 SITE_RGB_DIM = 7 * SITE_WIDTH  # its tokens: stride-4, -8 and -16 maps (1 + 2 + 4 widths) on the 28x28 grid
 
@@ -169,6 +176,22 @@ PRESETS: dict[str, FeaturePreset] = {
         image_local_key="position",
     ),
 }
+
+
+def check_backbones(rgb_backbone: str, point_backbone: str) -> None:
+    """ConfigError unless both ids are ones this code runs; a stale site id says to retrain."""
+    if rgb_backbone not in RGB_BACKBONES:
+        stale = rgb_backbone.startswith("site_cnn")
+        hint = (
+            f"it is an m3dm-site model trained on an older input ({SITE_BACKBONE} now): retrain the class"
+            if stale
+            else f"known: {', '.join(sorted(RGB_BACKBONES))}"
+        )
+        raise ConfigError(f"unknown rgb backbone {rgb_backbone!r}; {hint}")
+    if point_backbone not in POINT_BACKBONES:
+        raise ConfigError(
+            f"unknown point backbone {point_backbone!r}; known: {', '.join(sorted(POINT_BACKBONES))}"
+        )
 
 
 def get_preset(name: str) -> FeaturePreset:

@@ -13,11 +13,8 @@ from scipy import ndimage
 
 from core.config import SITE_BACKBONE, FeaturePreset
 from core.errors import ConfigError, EmptyCloudError
+from core.free_rgb import statistics_mask
 from core.scan import PatchFeatures, PreparedScan
-
-# Rim of the object, px, that the site input replaces by interior colour (as core.free_rgb.BORDER_PX leaves it
-# out of the weight-free statistics).
-SITE_RIM_PX = 2
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,8 @@ def rgb_features(scan: PreparedScan, preset: FeaturePreset, runner: object | Non
 
 
 def site_network_input(scan: PreparedScan) -> np.ndarray:
-    """(3, S, S) float32: each pixel is its nearest pixel of the object's interior (the object eroded by
-    SITE_RIM_PX; interior pixels are themselves) less the interior's mean colour.
+    """(3, S, S) float32: each pixel is its nearest pixel of the object's interior (`statistics_mask`: the
+    interior the weight-free statistics use; interior pixels are themselves) less the interior's mean colour.
 
     Mean colour: the site CNN is trained on one class's few normals, so a part colour it rarely saw (family
     A draws a colour per part) made every token of that scan far from the bank: a good orange ring scored
@@ -68,9 +65,10 @@ def site_network_input(scan: PreparedScan) -> np.ndarray:
     valid = mask_at_size(scan.valid_hw, size)
     if not valid.any():
         return image.copy()
-    interior = ndimage.binary_erosion(valid, iterations=SITE_RIM_PX)
-    if not interior.any():  # a part thinner than its rim: fill from all of it
-        interior = valid
+    # The weight-free statistics' interior: the 2 px antialiased rim left out, speckle dropouts and the image
+    # frame not counted as outline, a part thinner than the rim kept whole. Changing it changes what the
+    # site CNN saw in training: bump SITE_BACKBONE's input version with it.
+    interior = statistics_mask(valid)
     pixels_cp = image.reshape(3, -1)
     weight_p = interior.reshape(-1).astype(np.float32)
     mean_c = (pixels_cp @ weight_p) / weight_p.sum()  # a BLAS matvec, ~4x a boolean gather

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.bank_codec import decode
-from core.config import PRESETS, FeaturePreset, PreprocessConfig, ScoreConfig
+from core.config import PRESETS, FeaturePreset, PreprocessConfig, ScoreConfig, check_backbones
 from core.errors import ConfigError, CorruptFileError, M3DMError, MissingFileError
 from core.features import FeatureRunners, extract_features
 from core.fusion import LinearOneClassSVM, ScoreNormaliser
@@ -81,6 +81,7 @@ def _preset_from_manifest(manifest: BundleManifest, raw_preset: dict[str, Any] |
     """The manifest's feature facts over the preset's trainer-only settings (point layers, weight needs,
     BatchNorm mode): from model.json for a model folder, else the named preset's defaults."""
     fs = manifest.feature_spec
+    check_backbones(fs.rgb_backbone, fs.point_backbone)
     base = PRESETS.get(manifest.preset) or FeaturePreset(manifest.preset, "free", "free", 224, 1, 1)
     if raw_preset:
         known = {f.name for f in dataclasses.fields(FeaturePreset)}

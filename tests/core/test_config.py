@@ -9,10 +9,12 @@ from core.config import (
     LOCAL_NORM_KEYS,
     POINT_BN_MODES,
     PRESETS,
+    SITE_BACKBONE,
     CoresetConfig,
     FeaturePreset,
     PreprocessConfig,
     ScoreConfig,
+    check_backbones,
     get_preset,
     score_config_for,
 )
@@ -91,7 +93,7 @@ def test_fusion_dim_is_the_sum_of_both_modalities() -> None:
         ("free", "free", False),
         ("dino_vitb8", "free", True),
         ("free", "point_mae", True),
-        ("site_cnn", "free", True),
+        (SITE_BACKBONE, "free", True),
     ],
 )
 def test_uses_networks_when_either_backbone_is_not_free(rgb: str, point: str, networks: bool) -> None:
@@ -125,3 +127,24 @@ def test_score_config_for_takes_the_rule_from_the_preset_and_the_rest_from_the_b
     assert (got.reweight_k, got.blur_sigma_px, got.output_size, got.rgb_lambda) == (5, 2.0, 112, 0.3)
     default = score_config_for(_preset(image_rule="topk_mean"))
     assert default == ScoreConfig(image_rule="topk_mean")
+
+
+def test_every_preset_names_backbones_that_pass_the_station_check() -> None:
+    for preset in PRESETS.values():
+        check_backbones(preset.rgb_backbone, preset.point_backbone)
+
+
+@pytest.mark.parametrize(
+    ("rgb", "point", "message"),
+    [
+        ("site_cnn", "free", f"older input \\({SITE_BACKBONE} now\\): retrain"),
+        ("site_cnn_v2", "free", "older input"),
+        ("resnet18", "free", "unknown rgb backbone 'resnet18'; known: dino_vitb8"),
+        ("free", "pointnet", "unknown point backbone 'pointnet'; known: free, point_mae"),
+    ],
+)
+def test_backbones_this_code_does_not_run_are_refused_with_what_to_do(
+    rgb: str, point: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_backbones(rgb, point)

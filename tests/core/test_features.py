@@ -16,7 +16,6 @@ from scipy import ndimage
 from core.config import get_preset
 from core.errors import ConfigError, EmptyCloudError
 from core.features import (
-    SITE_RIM_PX,
     FeatureRunners,
     extract_features,
     patch_has_object,
@@ -25,6 +24,7 @@ from core.features import (
     site_network_input,
 )
 from core.free_features import point_descriptor, rgb_descriptor
+from core.free_rgb import BORDER_PX
 from core.grouping import group_points
 from core.pfa import align_point_features
 from core.runner import Runner
@@ -171,7 +171,7 @@ def test_the_site_input_removes_the_interior_mean_colour_and_fills_the_rest_from
     scan = _scan()
     image = site_network_input(scan)
     valid = scan.valid_hw
-    interior = ndimage.binary_erosion(valid, iterations=SITE_RIM_PX)
+    interior = ndimage.binary_erosion(valid, iterations=BORDER_PX)
     assert 0 < interior.sum() < valid.sum()
     mean_c = scan.rgb_chw[:, interior].mean(axis=1)
     np.testing.assert_allclose(image[:, interior], scan.rgb_chw[:, interior] - mean_c[:, None], atol=1e-5)
@@ -194,6 +194,24 @@ def test_the_site_input_removes_the_interior_mean_colour_and_fills_the_rest_from
     empty = _scan(np.zeros((S, S), bool))
     np.testing.assert_array_equal(site_network_input(empty), empty.rgb_chw)
     assert image is not scan.rgb_chw and not np.shares_memory(image, scan.rgb_chw)
+
+
+def test_speckle_dropouts_and_the_image_frame_are_not_outline_to_the_site_input() -> None:
+    """Isolated invalid pixels inside the part are filled from their neighbours without eroding the interior
+    around them, and a part that fills the frame (an RGB-only scan) keeps its pixels at the frame."""
+    valid = np.ones((S, S), bool)
+    speckle = [(60, 60), (120, 90), (150, 170)]
+    for y, x in speckle:
+        valid[y, x] = False
+    scan = _scan(valid)
+    image = site_network_input(scan)
+    mean_c = scan.rgb_chw[:, valid].mean(axis=1)
+    # Every valid pixel, those next to a dropout and those on the frame too, is itself less the mean.
+    np.testing.assert_allclose(image[:, valid], scan.rgb_chw[:, valid] - mean_c[:, None], atol=1e-5)
+    for y, x in speckle:  # a dropout takes a neighbour's colour, not its own (invalid) one
+        neighbours = image[:, y - 1 : y + 2, x - 1 : x + 2].reshape(3, -1)
+        assert np.isclose(neighbours, image[:, y, x][:, None], atol=1e-6).all(axis=0).sum() >= 2
+        assert not np.allclose(image[:, y, x], scan.rgb_chw[:, y, x] - mean_c, atol=1e-3)
 
 
 def test_a_part_thinner_than_the_rim_fills_from_all_of_its_pixels() -> None:

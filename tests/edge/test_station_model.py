@@ -61,6 +61,24 @@ def test_wrong_golden_expectations_in_a_validly_signed_bundle_are_refused(
     assert "FAILED, image score off by 0.05" in report["checks"]["golden"]["message"]
 
 
+@pytest.mark.parametrize(("rgb", "point"), [("site_cnn", "free"), ("free", "pointnet")])
+def test_a_signed_bundle_naming_a_backbone_this_station_does_not_run_is_refused(
+    fleet_bundle: dict, tmp_path: Path, rgb: str, point: str
+) -> None:
+    """A site model trained on an older input (backbone id `site_cnn`, before v3) would otherwise be scored
+    through today's input silently; an unknown id is refused at open with what to do about it."""
+    from core.errors import ConfigError
+
+    def rename(m: BundleManifest) -> BundleManifest:
+        spec = msgspec.structs.replace(m.feature_spec, rgb_backbone=rgb, point_backbone=point)
+        return msgspec.structs.replace(m, feature_spec=spec)
+
+    bundle = resign(fleet_bundle, tmp_path / "stale", edit_manifest=rename)
+    expected = "older input .*retrain" if rgb.startswith("site") else f"unknown point backbone '{point}'"
+    with pytest.raises(ConfigError, match=expected):
+        open_bundle(bundle, fleet_bundle["keys"], backend="ort")
+
+
 def test_a_shift_inside_the_tolerance_still_passes(fleet_bundle: dict, tmp_path: Path) -> None:
     """The tolerance is what it says: not zero (which would make any float noise fail), not unbounded."""
     manifest = manifest_from_json((fleet_bundle["bundle"] / MANIFEST_NAME).read_bytes())
