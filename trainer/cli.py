@@ -259,7 +259,7 @@ def train(
         str, typer.Option(help="Torch device of the greedy coreset selection: cpu or cuda[:N].")
     ] = "cpu",
     site_steps: Annotated[
-        int | None, typer.Option(min=1, help="m3dm-site: optimiser steps of the rgb encoder (default 600).")
+        int | None, typer.Option(min=1, help="m3dm-site: optimiser steps of the rgb encoder (default 2400).")
     ] = None,
     site_device: Annotated[
         str,

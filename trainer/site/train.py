@@ -56,7 +56,7 @@ class SiteConfig:
     """Training of the site encoder; steps x batch_images crops is the budget (times: BENCHMARKS.md)."""
 
     width: int = SITE_WIDTH
-    steps: int = 600
+    steps: int = 2400
     batch_images: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
