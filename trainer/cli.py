@@ -269,7 +269,7 @@ def train(
 ) -> None:
     """Fit memory banks, UFF and DLF for each class; write a model folder per class.
 
-    m3dm-site first trains each class's rgb encoder on its training normals (about 75 s a class on 2 CPU cores).
+    m3dm-site first trains each class's rgb encoder on its training normals (~75 s a class on 2 CPU cores).
     """
     from core.config import CoresetConfig
     from trainer.pipeline import train_classes
