@@ -161,9 +161,9 @@ PRESETS: dict[str, FeaturePreset] = {
         image_rule="max_blurred_map",
     ),
     # Learned rgb features from the class's training normals, the weight-free point descriptor; per-channel
-    # bank norm because the point half keeps its mixed units. Image rule: distances over each patch
-    # position's own spread in training, best on family A's validation defects (BENCHMARKS.md, "m3dm-site:
-    # object-relative input, background tokens, image-score rule").
+    # bank norm because the point half keeps its mixed units. Image rule: each distance over the spread in
+    # training of its nearest bank row (the patch kind it matched), best on family A's validation defects
+    # with the 2400-step encoder (BENCHMARKS.md, "m3dm-site: more encoder steps").
     "m3dm-site": FeaturePreset(
         "m3dm-site",
         SITE_BACKBONE,
@@ -173,7 +173,7 @@ PRESETS: dict[str, FeaturePreset] = {
         FREE_POINT_DIM,
         bank_norm="per_dim",
         image_rule="local_norm",
-        image_local_key="position",
+        image_local_key="row",
     ),
 }
 
