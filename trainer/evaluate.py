@@ -19,6 +19,7 @@ from core.features import FeatureRunners
 from core.model import FrameScorer
 from edge.model_store import DECISION_VARIANT, ModelInfo, load_model_info
 from trainer.dataset_features import SplitFeatures, extract_split
+from trainer.defect_types import auroc_by_defect_type, defect_types_markdown, scan_records
 from trainer.metrics import VariantMetrics, evaluate_variant
 from trainer.progress import track
 from trainer.report import (
@@ -138,6 +139,14 @@ def evaluate_class(
     return metrics, scored
 
 
+def record_defect_types(extra: dict[str, Any], class_name: str, scored: ScoredSplit) -> None:
+    """Per-defect-type I-AUROC and every scan's image scores into the results' `extra` (results.json)."""
+    types = [r.defect_type for r in scored.split.refs]
+    stems = [r.stem for r in scored.split.refs]
+    extra.setdefault("i_auroc_by_defect_type", {})[class_name] = auroc_by_defect_type(types, scored.image)
+    extra.setdefault("scan_scores", {})[class_name] = scan_records(types, stems, scored.image)
+
+
 def _skipped_banner(classes_meta: dict[str, Any]) -> str:
     """Unreadable test scans are left out of the metrics: say how many, per class, above the tables."""
     counts = {c: len(m.get("skipped") or []) for c, m in classes_meta.items()}
@@ -166,6 +175,9 @@ def summarise(
         # Random backbones exist for speed tests only; no table from them may pass as a quality result.
         markdown = f"> **RANDOM WEIGHTS** ({', '.join(random)}): these numbers measure nothing.\n\n{markdown}"
     markdown = _skipped_banner(extra.get("classes_meta", {})) + markdown
+    by_type = defect_types_markdown(extra.get("i_auroc_by_defect_type", {}))
+    if by_type:
+        markdown += "\n## I-AUROC per defect type\n\n" + by_type
     (out / "results.md").write_text(markdown)
     write_json(out / "results.json", results, extra)
     payload = results_to_json(results)
@@ -202,6 +214,7 @@ def evaluate_models(
         info, scorer = model_view.info, model_view.scorer
         metrics, scored = evaluate_class(data_root, info, runners, scorer, report_dir)
         results[info.class_name] = metrics
+        record_defect_types(extra, info.class_name, scored)
         extra["classes_meta"][info.class_name] = {
             "test_count": len(scored.split.refs),
             "skipped": scored.split.skipped,
@@ -228,7 +241,7 @@ def evaluate_bundle(data_root: Path, bundle: Path, key: Path | None, out: Path |
     station = open_bundle(bundle, key)
     report_dir = out or (station.root.parent / f"{station.root.name}-report")
     metrics, scored = evaluate_class(data_root, station.info, station.runners, station.scorer, report_dir)
-    extra = {
+    extra: dict[str, Any] = {
         "path": f"bundle ({station.backend})",
         "bundle": station.summary,
         "classes_meta": {
@@ -241,4 +254,5 @@ def evaluate_bundle(data_root: Path, bundle: Path, key: Path | None, out: Path |
             }
         },
     }
+    record_defect_types(extra, station.info.class_name, scored)
     return summarise({station.info.class_name: metrics}, report_dir, extra)

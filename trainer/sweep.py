@@ -147,6 +147,7 @@ def run_one(family: str, seed: int, classes: tuple[str, ...], cfg: SweepConfig, 
         "classes_run": list(classes),
         "mean": results["mean"],
         "classes": results["classes"],
+        "i_auroc_by_defect_type": results.get("i_auroc_by_defect_type", {}),
         "train_seconds": train["seconds"],
         "synth_seconds": synth["seconds"],
     }
@@ -165,7 +166,8 @@ def mean_sd(values: Sequence[float | None]) -> tuple[float, float, int]:
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Runs of one family (one per seed) -> {"variants": {v: {metric: {mean, sd, n}}}, "train_seconds",
-    "per_class_i_auroc": {class: {v: {mean, sd, n}}}, "seeds"}."""
+    "per_class_i_auroc": {class: {v: {mean, sd, n}}}, "per_defect_type_i_auroc": {class: {defect type:
+    {v: {mean, sd, n}}}}, "seeds"}."""
     variants = [v for v in VARIANT_ORDER if any(v in r["mean"] for r in runs)]
 
     def stat(values: Sequence[float | None]) -> dict[str, float | int | None]:
@@ -180,10 +182,22 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         c: {v: stat([r["classes"].get(c, {}).get(v, {}).get("i_auroc") for r in runs]) for v in variants}
         for c in class_names
     }
+    # class -> defect type -> variant; runs recorded before the breakdown existed simply add nothing
+    by_type = [r.get("i_auroc_by_defect_type", {}) for r in runs]
+    kinds = {c: sorted({k for t in by_type for v in t.get(c, {}).values() for k in v}) for c in class_names}
+    per_type = {
+        c: {
+            k: {v: stat([t.get(c, {}).get(v, {}).get(k) for t in by_type]) for v in variants}
+            for k in kinds[c]
+        }
+        for c in class_names
+        if kinds[c]
+    }
     return {
         "seeds": [r["seed"] for r in runs],
         "variants": table,
         "per_class_i_auroc": per_class,
+        "per_defect_type_i_auroc": per_type,
         "train_seconds": stat([r["train_seconds"] for r in runs]),
     }
 
@@ -213,6 +227,11 @@ def sweep_markdown(summary: Mapping[str, Any]) -> str:
         lines.append("|---|" + "---:|" * len(agg["variants"]))
         for name, per_variant in agg["per_class_i_auroc"].items():
             lines.append(f"| {name} | " + " | ".join(_cell(s) for s in per_variant.values()) + " |")
+        for name, per_kind in agg.get("per_defect_type_i_auroc", {}).items():
+            lines += ["", f"| {name}: defect type | " + " | ".join(agg["variants"]) + " |"]
+            lines.append("|---|" + "---:|" * len(agg["variants"]))
+            for kind, per_variant in per_kind.items():
+                lines.append(f"| {kind} | " + " | ".join(_cell(s) for s in per_variant.values()) + " |")
         t = agg["train_seconds"]
         lines += [
             "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,17 @@ def test_eval_reports_five_variants_with_sane_metrics(
     assert results["classes"][cls]["rgb+point+fusion"]["i_auroc"] >= 0.9
     # Even with 6 training scans the detector must be far better than chance at pixel level.
     assert results["classes"][cls]["rgb+point+fusion"]["p_auroc"] > 0.85
-    assert (tmp_path / "report" / "results.md").read_text().count("rgb+point+fusion") == 4
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    per_metric, by_type_md = markdown.split("## I-AUROC per defect type")
+    assert per_metric.count("rgb+point+fusion") == 4
+    # The pooled I-AUROC is the count-weighted mean of the per-defect-type ones (same good scans in each).
+    scans = results["scan_scores"][cls]
+    counts = Counter(s["defect_type"] for s in scans if s["defect_type"] != "good")
+    by_type = results["i_auroc_by_defect_type"][cls]
+    assert set(by_type["rgb"]) == set(counts) and f"### {cls}: I-AUROC per defect type" in by_type_md
+    for variant, metrics in results["classes"][cls].items():
+        pooled = sum(counts[k] * by_type[variant][k] for k in counts) / sum(counts.values())
+        assert pooled == pytest.approx(metrics["i_auroc"]), variant
     assert (tmp_path / "report" / cls / "roc.png").stat().st_size > 10_000
     assert list((tmp_path / "report" / cls / "overlays").glob("*.png"))
 

@@ -69,6 +69,25 @@ def test_aggregate_and_markdown() -> None:
     assert "| rgb | 0.700 ± 0.100 | 0.900 ± 0.000 | – |" in text
     assert "Family b, preset m3dm-free, seeds 0,1,2 (classes: tread)" in text
     assert "12.000 ± 2.000 s" in text
+    assert agg["per_defect_type_i_auroc"] == {}  # these runs carry no breakdown: no table, no error
+
+
+def test_per_defect_type_statistics_over_seeds() -> None:
+    runs = []
+    for seed, stain in enumerate((0.4, 0.6, 0.5)):
+        run = _run("b", seed, 0.9, 0.7, 10.0)
+        run["i_auroc_by_defect_type"] = {
+            "tread": {"rgb": {"stain": stain, "hole": 1.0}, "rgb+point+fusion": {"stain": 0.9, "hole": 1.0}}
+        }
+        runs.append(run)
+    runs.append(_run("b", 3, 0.9, 0.7, 10.0))  # resumed from before the breakdown existed: adds nothing
+    agg = aggregate(runs)
+    stain = agg["per_defect_type_i_auroc"]["tread"]["stain"]
+    assert stain["rgb"]["mean"] == pytest.approx(0.5) and stain["rgb"]["sd"] == pytest.approx(0.1)
+    assert stain["rgb"]["n"] == 3
+    text = sweep_markdown({"preset": "m3dm-free", "families": {"b": agg}})
+    assert "| tread: defect type | rgb | rgb+point+fusion |" in text
+    assert "| stain | 0.500 ± 0.100 | 0.900 ± 0.000 |" in text
 
 
 def test_run_sweep_resumes_from_finished_runs(tmp_path: Path) -> None:
