@@ -1,7 +1,7 @@
 """Image-score rule x variant, mean I-AUROC over classes (issue 15): chosen on validation defects.
 
     python bench/image_score_rules.py --work runs/image_rules            # family A (`m3dm synth`)
-    python bench/image_score_rules.py --work runs/image_rules_b --family b  # family B, reported only
+    python bench/image_score_rules.py --work runs/image_rules_b --family b  # family B
     python bench/image_score_rules.py --work runs/site_rules --preset m3dm-site --size 224  # site encoder
 
 Per class: fit the preset once (`trainer.fit.fit_class`, the product fit; m3dm-site first trains the
@@ -12,7 +12,8 @@ trainer does) -> I-AUROC of the five variants on the validation-defect split and
 
 Validation defects, family A: the test split of a second `m3dm synth` data set with another seed (same
 generator, other parts), scored by the models fitted on the first; the first's test split is only reported.
-Family B: its own test split is reported for every rule; nothing is chosen on it.
+Family B: its generator's `validation_defects/` root (other seeds' good and defective scans); its test split
+is reported for every rule and nothing is chosen on it.
 
 Each frame is searched once per bank (`core.scoring.score_bank`, through `FrameScorer.bank_scores`); every
 rule is then applied to that same search with `core.scoring.bank_image_score`, the station's one function.
@@ -239,9 +240,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     from trainer.backbones import WeightPaths, build_feature_runners
+    from trainer.synth_b import VALIDATION_DEFECTS
 
     work: Path = args.work
-    data, val_data = work / "data", (work / "val_data" if args.family == "a" else None)
+    # Family A: a second data set's test split; family B: the validation-defect root its generator writes.
+    data = work / "data"
+    val_data = work / "val_data" if args.family == "a" else data / VALIDATION_DEFECTS
     t0 = time.perf_counter()
     synthesize_family(args.family, data, 0, False, args.small, args.size)
     if val_data is not None:

@@ -161,9 +161,10 @@ PRESETS: dict[str, FeaturePreset] = {
         image_rule="max_blurred_map",
     ),
     # Learned rgb features from the class's training normals, the weight-free point descriptor; per-channel
-    # bank norm because the point half keeps its mixed units. Image rule: each distance over the spread in
-    # training of its nearest bank row (the patch kind it matched), best on family A's validation defects
-    # with the 2400-step encoder (BENCHMARKS.md, "m3dm-site: more encoder steps").
+    # bank norm because the point half keeps its mixed units. Image rule: max of the blurred map, as for
+    # m3dm-free: best on both families' validation defects together with the 2400-step encoder, where the
+    # local_norm rules that led on family A alone fell to last on family B (BENCHMARKS.md, "m3dm-site: image
+    # rule on both families' validation defects").
     "m3dm-site": FeaturePreset(
         "m3dm-site",
         SITE_BACKBONE,
@@ -172,8 +173,7 @@ PRESETS: dict[str, FeaturePreset] = {
         SITE_RGB_DIM,
         FREE_POINT_DIM,
         bank_norm="per_dim",
-        image_rule="local_norm",
-        image_local_key="row",
+        image_rule="max_blurred_map",
     ),
 }
 
