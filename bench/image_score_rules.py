@@ -248,7 +248,7 @@ def main() -> None:
     val_data = work / "val_data" if args.family == "a" else data / VALIDATION_DEFECTS
     t0 = time.perf_counter()
     synthesize_family(args.family, data, 0, False, args.small, args.size)
-    if val_data is not None:
+    if args.family == "a":  # family B's generator wrote its validation root with the data set
         synthesize_family("a", val_data, 1, True, args.small, args.size)
     log.info("data ready in %.0f s", time.perf_counter() - t0)
     preset = PRESETS[args.preset]
