@@ -51,11 +51,12 @@ def scan_records(
     defect_types_n: Sequence[str], stems_n: Sequence[str], image_by_variant: Mapping[str, np.ndarray]
 ) -> list[dict[str, Any]]:
     """One JSON-ready record per scan: its folder, file stem and image score per variant."""
+    scores = {v: np.asarray(s, dtype=np.float64) for v, s in image_by_variant.items()}
     return [
         {
             "defect_type": str(kind),
             "stem": str(stem),
-            "image": {v: float(np.asarray(s)[i]) for v, s in image_by_variant.items()},
+            "image": {v: float(s[i]) for v, s in scores.items()},
         }
         for i, (kind, stem) in enumerate(zip(defect_types_n, stems_n, strict=True))
     ]

@@ -208,6 +208,14 @@ def _cell(stat: Mapping[str, Any]) -> str:
     return f"{stat['mean']:.3f}" + ("" if stat["sd"] is None else f" ± {stat['sd']:.3f}")
 
 
+def _stat_table(corner: str, columns: list[str], rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines of one table: a row per key of `rows`, its {column: stat} cells as mean ± sd."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, per_column in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(s) for s in per_column.values()) + " |")
+    return lines
+
+
 def sweep_markdown(summary: Mapping[str, Any]) -> str:
     """One table per family: variants x (I-AUROC, P-AUROC, AUPRO@30%) as mean ± sd over seeds, then the
     full variant's I-AUROC per class and the training wall time."""
@@ -223,15 +231,10 @@ def sweep_markdown(summary: Mapping[str, Any]) -> str:
         ]
         for variant, metrics in agg["variants"].items():
             lines.append(f"| {variant} | " + " | ".join(_cell(metrics[m]) for m in SWEEP_METRICS) + " |")
-        lines += ["", "| class | " + " | ".join(f"I-AUROC {v}" for v in agg["variants"]) + " |"]
-        lines.append("|---|" + "---:|" * len(agg["variants"]))
-        for name, per_variant in agg["per_class_i_auroc"].items():
-            lines.append(f"| {name} | " + " | ".join(_cell(s) for s in per_variant.values()) + " |")
+        variants = list(agg["variants"])
+        lines += ["", *_stat_table("class", [f"I-AUROC {v}" for v in variants], agg["per_class_i_auroc"])]
         for name, per_kind in agg.get("per_defect_type_i_auroc", {}).items():
-            lines += ["", f"| {name}: defect type | " + " | ".join(agg["variants"]) + " |"]
-            lines.append("|---|" + "---:|" * len(agg["variants"]))
-            for kind, per_variant in per_kind.items():
-                lines.append(f"| {kind} | " + " | ".join(_cell(s) for s in per_variant.values()) + " |")
+            lines += ["", *_stat_table(f"{name}: defect type", variants, per_kind)]
         t = agg["train_seconds"]
         lines += [
             "",
